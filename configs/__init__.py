@@ -1,0 +1,1 @@
+"""Built-in compression profiles (installed as the package `vllm_kvplug.configs`)."""

