@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_configs import KVConfig, markdown_table, run_isolated  # noqa: E402
+from engine_configs import KVConfig, markdown_table  # noqa: E402
+from isolation import run_isolated, stop_engine  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model_configs" / "llama-3.1-8b"
 DEFAULT_CONFIGS = ["bf16@FLASH_ATTN", "fp8@FLASH_ATTN", "int4_per_token_head@TRITON_ATTN"]
@@ -65,42 +66,52 @@ def token_prompts(workload: Workload, vocab_size: int, seed: int) -> list[dict]:
 def measure(config: KVConfig, args: dict) -> dict:
     """Child process: start one engine, run every workload, return the numbers."""
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     workloads = [Workload.parse(w) for w in args["workloads"]]
     max_len = args["max_model_len"] or max(w.prompt_len + w.output_len for w in workloads)
     started = time.perf_counter()
-    llm = LLM(
-        model=args["model"],
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype=args["dtype"],
-        max_model_len=max_len,
-        gpu_memory_utilization=args["gpu_memory_utilization"],
-        enforce_eager=args["enforce_eager"],
-        seed=args["seed"],
-        disable_log_stats=not args["latency_stats"],
-        **({"max_num_seqs": args["max_num_seqs"]} if args["max_num_seqs"] else {}),
-        **config.llm_kwargs(),
-    )
-    startup_s = time.perf_counter() - started
-    vllm_config = llm.llm_engine.vllm_config
-    cache = vllm_config.cache_config
-    vocab = vllm_config.model_config.get_vocab_size()
-    result = {
-        "num_gpu_blocks": cache.num_gpu_blocks,
-        "block_size": cache.block_size,
-        "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
-        "startup_s": round(startup_s, 1),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "workloads": [],
-    }
+    llm = None
+    try:
+        llm = LLM(
+            model=args["model"],
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            dtype=args["dtype"],
+            max_model_len=max_len,
+            gpu_memory_utilization=args["gpu_memory_utilization"],
+            enforce_eager=args["enforce_eager"],
+            seed=args["seed"],
+            disable_log_stats=not args["latency_stats"],
+            **({"max_num_seqs": args["max_num_seqs"]} if args["max_num_seqs"] else {}),
+            **config.llm_kwargs(),
+        )
+        cache = llm.llm_engine.vllm_config.cache_config
+        result = {
+            "num_gpu_blocks": cache.num_gpu_blocks,
+            "block_size": cache.block_size,
+            "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
+            "startup_s": round(time.perf_counter() - started, 1),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "workloads": run_workloads(llm, workloads, args),
+        }
+    finally:
+        stop_engine(llm)
+    return result
+
+
+def run_workloads(llm, workloads: list[Workload], args: dict) -> list[dict]:
+    from vllm import SamplingParams
+
+    vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
     # Warm-up outside the timed region (allocator, Triton autotuning, sampler).
     warm = Workload(min(8, workloads[0].requests), min(256, workloads[0].prompt_len), 8)
     llm.generate(token_prompts(warm, vocab, args["seed"] + 1),
                  SamplingParams(max_tokens=warm.output_len, ignore_eos=True), use_tqdm=False)
-    for workload in workloads:
-        prompts = token_prompts(workload, vocab, args["seed"])
+    entries = []
+    for index, workload in enumerate(workloads):
+        # A distinct prompt set per workload: a repeated prompt would be a prefix-cache hit.
+        prompts = token_prompts(workload, vocab, args["seed"] + 7919 * index)
         params = SamplingParams(max_tokens=workload.output_len, ignore_eos=True,
                                 temperature=args["temperature"], seed=args["seed"])
         t0 = time.perf_counter()
@@ -117,8 +128,8 @@ def measure(config: KVConfig, args: dict) -> dict:
         }
         if args["latency_stats"]:
             entry.update(latency_summary(outputs))
-        result["workloads"].append(entry)
-    return result
+        entries.append(entry)
+    return entries
 
 
 def latency_summary(outputs) -> dict:
@@ -186,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=1800)
     parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--work-dir", default=None,
+                        help="per-configuration results (default: OUT_DIR/work)")
     parser.add_argument("--tag", default="throughput")
     ns = parser.parse_args(argv)
 
@@ -201,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for config in configs:
         print(f"== {config.label}", flush=True)
-        results[config.label] = run_isolated(measure, config, child_args, out_dir / "work",
+        results[config.label] = run_isolated(measure, config, child_args,
+                                              Path(ns.work_dir or out_dir / "work"),
                                               ns.timeout_s)
-        print(json.dumps(results[config.label])[:2000], flush=True)
+        print(json.dumps({k: v for k, v in results[config.label].items()
+                          if k != "traceback"})[:2000], flush=True)
 
     table = build_table(configs, results, child_args["workloads"])
     print(table)

@@ -1,0 +1,61 @@
+"""Pieces of the benchmark harnesses that need no engine."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from engine_configs import KVConfig, markdown_table  # noqa: E402
+from isolation import root_cause  # noqa: E402
+from throughput import Workload  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bf16@FLASH_ATTN", ("auto", None, "FLASH_ATTN")),
+    ("fp8", ("fp8", None, None)),
+    ("int4_per_token_head@TRITON_ATTN", ("int4_per_token_head", None, "TRITON_ATTN")),
+    ("profile:none", ("auto", "none", None)),
+    ("fp8+profile:/x/p.yaml@FLASH_ATTN", ("fp8", "/x/p.yaml", "FLASH_ATTN")),
+])
+def test_config_syntax(text, expected):
+    c = KVConfig.parse(text)
+    assert (c.kv_cache_dtype, c.profile, c.attention_backend) == expected
+    assert c.label == text
+
+
+def test_config_llm_kwargs():
+    kwargs = KVConfig.parse("fp8+profile:none@FLASH_ATTN").llm_kwargs()
+    assert kwargs == {"kv_cache_dtype": "fp8",
+                      "additional_config": {"kv_compression": "none"},
+                      "attention_config": {"backend": "FLASH_ATTN"}}
+    assert KVConfig.parse("bf16").llm_kwargs() == {"kv_cache_dtype": "auto"}
+    with pytest.raises(ValueError, match="empty profile"):
+        KVConfig.parse("profile:")
+
+
+def test_workload_syntax():
+    assert Workload.parse("512x2048+256") == Workload(512, 2048, 256)
+    assert str(Workload(8, 8192, 512)) == "8x8192+512"
+    for bad in ("512x2048", "ax1+1", "0x1+1"):
+        with pytest.raises(Exception):
+            Workload.parse(bad)
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_root_cause_finds_first_exception(tmp_path):
+    log = tmp_path / "engine.log"
+    log.write_text(
+        "INFO 11-23 10:00:00 [core.py:1] starting\n"
+        "(EngineCore pid=12) ERROR 11-23 10:00:01 [core.py:2] ValueError: bad head size 96\n"
+        "RuntimeError: Engine core initialization failed.\n")
+    assert root_cause(log) == "ValueError: bad head size 96"
+    log.write_text("corrupted double-linked list\n"
+                   "ERROR 11-23 10:00:02 [x.py:3] Engine core proc EngineCore died unexpectedly\n")
+    cause = root_cause(log)
+    assert cause.startswith("Engine core proc EngineCore died unexpectedly")
+    assert "corrupted double-linked list" in cause
+    assert root_cause(tmp_path / "missing.log") is None
