@@ -147,3 +147,11 @@ def test_valid_but_unimplemented_feature_is_refused(tmp_path):
         check_implemented(resolved)
     assert "quantization.method='int2'" in str(info.value)
     assert "does not implement yet" in str(info.value)
+
+
+def test_builtin_name_wins_over_same_named_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "none").write_text("name: [broken\n")
+    assert load_profile("none").source == "builtin:none"
+    write(tmp_path, "name: mine\n", "mine.yaml")
+    assert load_profile("mine.yaml").source == str(tmp_path / "mine.yaml")

@@ -63,7 +63,8 @@ def load_profile(ref: str) -> ResolvedProfile:
             "or a path to a YAML file"
         )
     ref = ref.strip()
-    looks_like_path = os.sep in ref or ref.endswith((".yaml", ".yml")) or Path(ref).exists()
+    # Built-in names win; anything with a path separator or a YAML suffix is a file.
+    looks_like_path = os.sep in ref or ref.endswith((".yaml", ".yml"))
     if not looks_like_path:
         if ref not in builtin_profile_names():
             raise ProfileError(

