@@ -59,3 +59,38 @@ def test_root_cause_finds_first_exception(tmp_path):
     assert cause.startswith("Engine core proc EngineCore died unexpectedly")
     assert "corrupted double-linked list" in cause
     assert root_cause(tmp_path / "missing.log") is None
+
+
+def test_ablation_recipe_syntax():
+    from kv_quant_ablation import Variant
+
+    from vllm_kvplug.quant import QuantRecipe
+
+    v = Variant.parse("int2/g32/h64/s4/only-v")
+    assert v.recipe == QuantRecipe(2, 32, 64)
+    assert (v.sink_tokens, v.quantize_k, v.quantize_v) == (4, False, True)
+    assert Variant.parse("int4/g64/none").recipe == QuantRecipe(4, 64, None)
+    assert Variant.parse("baseline").recipe is None
+    with pytest.raises(Exception, match="is not int4"):
+        Variant.parse("int3/g32/h32")
+
+
+def test_fake_quant_attention_changes_only_what_it_should():
+    import torch
+    from kv_quant_ablation import _ACTIVE, Variant, fake_quant_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    q, k, v = (torch.randn(1, 2, 8, 64) for _ in range(3))
+    try:
+        _ACTIVE[0] = Variant("baseline", None)
+        base, _ = fake_quant_attention(module, q, k, v, None)
+        _ACTIVE[0] = Variant.parse("int2/g32/h64/only-v")
+        quant, _ = fake_quant_attention(module, q, k, v, None)
+        _ACTIVE[0] = Variant.parse("int4/g64/h64/s8")  # every token is a sink: exact
+        sinks, _ = fake_quant_attention(module, q, k, v, None)
+    finally:
+        _ACTIVE[0] = None
+    assert not torch.allclose(base, quant)
+    torch.testing.assert_close(sinks, base)

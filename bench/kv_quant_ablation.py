@@ -1,0 +1,180 @@
+"""Ablation of KV quantization recipes with the PyTorch reference (fake quantization).
+
+Before any kernel exists, this measures what a recipe costs in quality: the model runs in
+Hugging Face transformers with an attention function that sends every post-RoPE K and V
+vector through the reference quantizer (`vllm_kvplug.quant.quantize_dequantize`) before
+attention, as if every token were read back from the quantized cache (prefill included:
+the pessimistic, decode-like case). Perplexity on real text is compared with the
+unquantized cache on the same weights and windows. Final numbers come from
+`bench/quality.py` once the attention backend exists; this picks the defaults to build.
+
+    python bench/kv_quant_ablation.py --corpus-file kjv.txt \\
+        --recipes int4/g128/h64 int4/g128/none int2/g32/h64 int2/g32/h64/s4
+
+Recipe syntax: `int4|int2` / `g<group_size>` / `h<hadamard_block>|none`, then optionally
+`/s<N>` (the first N tokens of every window kept unquantized: attention sinks) and
+`/only-k` or `/only-v` (quantize one of the two, to see which one costs the quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_configs import markdown_table  # noqa: E402
+
+from vllm_kvplug.quant import QuantRecipe, quantize_dequantize  # noqa: E402
+
+ATTENTION_NAME = "kvplug_fake_quant"
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    recipe: QuantRecipe | None  # None: unquantized baseline
+    sink_tokens: int = 0
+    quantize_k: bool = True
+    quantize_v: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        if text in ("bf16", "none", "baseline"):
+            return cls(text, None)
+        parts = text.split("/")
+        try:
+            bits = {"int4": 4, "int2": 2}[parts[0]]
+            group = int(parts[1].removeprefix("g"))
+            block = None if parts[2] == "none" else int(parts[2].removeprefix("h"))
+            sinks, k, v = 0, True, True
+            for option in parts[3:]:
+                if option in ("only-k", "only-v"):
+                    k, v = option == "only-k", option == "only-v"
+                else:
+                    sinks = int(option.removeprefix("s"))
+        except (KeyError, IndexError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"recipe {text!r} is not int4|int2/g<G>/h<B>|none[/s<N>][/only-k|only-v]"
+            ) from None
+        return cls(text, QuantRecipe(bits, group, block), sinks, k, v)
+
+
+_ACTIVE: list[Variant | None] = [None]
+
+
+def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function: quantize K/V with the active variant, then SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    variant = _ACTIVE[0]
+    if variant is not None and variant.recipe is not None:
+        s = variant.sink_tokens
+        k_q = quantize_dequantize(key, variant.recipe) if variant.quantize_k else key.clone()
+        v_q = quantize_dequantize(value, variant.recipe) if variant.quantize_v else value.clone()
+        if s:
+            k_q[..., :s, :] = key[..., :s, :]
+            v_q[..., :s, :] = value[..., :s, :]
+        key, value = k_q, v_q
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def windows_from_corpus(tokenizer, text: str, count: int, width: int) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < width:
+        raise SystemExit(f"corpus has {len(ids)} tokens, fewer than one window ({width})")
+    step = (len(ids) - width) // max(count - 1, 1)
+    return [ids[i * step: i * step + width] for i in range(count)]
+
+
+@torch.inference_mode()
+def perplexity(model, windows: list[list[int]]) -> float:
+    nll, n = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([w])
+        logits = model(ids).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], -1)
+        nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    p.add_argument("--corpus-file", required=True)
+    p.add_argument("--recipes", nargs="+", type=Variant.parse,
+                   default=[Variant.parse(r) for r in (
+                       "int4/g64/none", "int4/g64/h16", "int4/g64/h64", "int4/g32/h64",
+                       "int2/g64/h64", "int2/g32/none", "int2/g32/h16", "int2/g32/h64",
+                       "int2/g32/h64/s4")],
+                   help="default: a grid for head_dim 64 (SmolLM2)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--window-tokens", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench/results/kv_quant_ablation")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    if ns.model is None:
+        from vllm_kvplug.models import ensure_smollm2
+
+        ns.model = str(ensure_smollm2())
+    AttentionInterface.register(ATTENTION_NAME, fake_quant_attention)
+    tokenizer = AutoTokenizer.from_pretrained(ns.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        ns.model, dtype=getattr(torch, ns.dtype), attn_implementation=ATTENTION_NAME).eval()
+    windows = windows_from_corpus(tokenizer, Path(ns.corpus_file).read_text(), ns.windows,
+                                  ns.window_tokens)
+    head_size = model.config.hidden_size // model.config.num_attention_heads
+    head_size = getattr(model.config, "head_dim", None) or head_size
+    for variant in ns.recipes:
+        try:
+            variant.recipe.check_head_size(head_size)
+        except ValueError as e:
+            p.error(f"recipe {variant.label}: {e}")
+
+    rows, results = [], []
+    baseline = None
+    for variant in [Variant("baseline", None)] + ns.recipes:
+        _ACTIVE[0] = variant
+        t0 = time.perf_counter()
+        ppl = perplexity(model, windows)
+        baseline = baseline or ppl
+        r = variant.recipe
+        bytes_vec = r.bytes_per_vector(head_size) if r else head_size * 2
+        result = {"recipe": variant.label, "ppl": round(ppl, 4),
+                  "ppl_ratio": round(ppl / baseline, 4),
+                  "bytes_per_vector": bytes_vec,
+                  "compression_vs_bf16": round(head_size * 2 / bytes_vec, 2),
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        results.append(result)
+        rows.append([variant.label, f"{ppl:.3f}", f"{100 * (ppl / baseline - 1):+.2f} %",
+                     bytes_vec, f"{result['compression_vs_bf16']:.2f}x"])
+        print(json.dumps(result), flush=True)
+    table = markdown_table(["recipe", "ppl", "vs unquantized", "bytes per K/V vector",
+                            "vs bf16"], rows)
+    print(table)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": ns.model, "dtype": ns.dtype, "windows": ns.windows,
+            "window_tokens": ns.window_tokens, "corpus_file": ns.corpus_file,
+            "head_size": head_size}
+    out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
