@@ -13,7 +13,8 @@ unquantized cache on the same weights and windows. Final numbers come from
 
 Recipe syntax: `int4|int2` / `g<group_size>` / `h<hadamard_block>|none`, then optionally
 `/s<N>` (the first N tokens of every window kept unquantized: attention sinks) and
-`/only-k` or `/only-v` (quantize one of the two, to see which one costs the quality).
+`/only-k` or `/only-v` (quantize one of the two, to see which one costs the quality), and
+`/kc<T>` (K quantized per channel over groups of T tokens, KIVI style; V stays token-wise).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Variant:
     sink_tokens: int = 0
     quantize_k: bool = True
     quantize_v: bool = True
+    # K per channel in groups of this many tokens (KIVI style) instead of token-wise.
+    key_channel_tokens: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -53,17 +56,19 @@ class Variant:
             bits = {"int4": 4, "int2": 2}[parts[0]]
             group = int(parts[1].removeprefix("g"))
             block = None if parts[2] == "none" else int(parts[2].removeprefix("h"))
-            sinks, k, v = 0, True, True
+            sinks, k, v, kc = 0, True, True, 0
             for option in parts[3:]:
                 if option in ("only-k", "only-v"):
                     k, v = option == "only-k", option == "only-v"
+                elif option.startswith("kc"):
+                    kc = int(option.removeprefix("kc"))
                 else:
                     sinks = int(option.removeprefix("s"))
         except (KeyError, IndexError, ValueError):
             raise argparse.ArgumentTypeError(
-                f"recipe {text!r} is not int4|int2/g<G>/h<B>|none[/s<N>][/only-k|only-v]"
+                f"recipe {text!r} is not int4|int2/g<G>/h<B>|none[/s<N>][/only-k|only-v][/kc<T>]"
             ) from None
-        return cls(text, QuantRecipe(bits, group, block), sinks, k, v)
+        return cls(text, QuantRecipe(bits, group, block), sinks, k, v, kc)
 
 
 _ACTIVE: list[Variant | None] = [None]
@@ -76,13 +81,54 @@ def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
     variant = _ACTIVE[0]
     if variant is not None and variant.recipe is not None:
         s = variant.sink_tokens
-        k_q = quantize_dequantize(key, variant.recipe) if variant.quantize_k else key.clone()
+        if not variant.quantize_k:
+            k_q = key.clone()
+        elif variant.key_channel_tokens:
+            k_q = channelwise_quantize_dequantize(key, variant.recipe,
+                                                  variant.key_channel_tokens)
+        else:
+            k_q = quantize_dequantize(key, variant.recipe)
         v_q = quantize_dequantize(value, variant.recipe) if variant.quantize_v else value.clone()
         if s:
             k_q[..., :s, :] = key[..., :s, :]
             v_q[..., :s, :] = value[..., :s, :]
         key, value = k_q, v_q
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def channelwise_quantize_dequantize(x: torch.Tensor, recipe: QuantRecipe,
+                                    tokens: int) -> torch.Tensor:
+    """Rotate over head_dim, then quantize each channel over groups of `tokens` tokens.
+
+    x: [..., seq, head_dim]. A trailing partial group is quantized on its own.
+    """
+    from vllm_kvplug.quant import block_hadamard
+
+    xr = block_hadamard(x.float(), recipe.hadamard_block)
+    out = torch.empty_like(xr)
+    for start in range(0, xr.shape[-2], tokens):
+        g = xr[..., start:start + tokens, :]
+        lo = g.amin(-2, keepdim=True).half().float()
+        step = ((g.amax(-2, keepdim=True) - lo) / recipe.levels).half().float()
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        codes = torch.round((g - lo) / safe).clamp(0, recipe.levels)
+        out[..., start:start + tokens, :] = codes * step + lo
+    return block_hadamard(out, recipe.hadamard_block).to(x.dtype)
+
+
+def mean_bytes_per_vector(variant: Variant, head_size: int) -> float:
+    """Mean of the K and V bytes per (token, head) vector, metadata included."""
+    r = variant.recipe
+    if r is None:
+        return head_size * 2
+    v_bytes = r.bytes_per_vector(head_size) if variant.quantize_v else head_size * 2
+    if not variant.quantize_k:
+        k_bytes = head_size * 2
+    elif variant.key_channel_tokens:  # fp16 step + minimum per channel per token group
+        k_bytes = head_size * r.bits / 8 + 4 * head_size / variant.key_channel_tokens
+    else:
+        k_bytes = r.bytes_per_vector(head_size)
+    return (k_bytes + v_bytes) / 2
 
 
 def windows_from_corpus(tokenizer, text: str, count: int, width: int) -> list[list[int]]:
@@ -153,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = perplexity(model, windows)
         baseline = baseline or ppl
         r = variant.recipe
-        bytes_vec = r.bytes_per_vector(head_size) if r else head_size * 2
+        bytes_vec = mean_bytes_per_vector(variant, head_size)
         result = {"recipe": variant.label, "ppl": round(ppl, 4),
                   "ppl_ratio": round(ppl / baseline, 4),
                   "bytes_per_vector": bytes_vec,

@@ -94,3 +94,24 @@ def test_fake_quant_attention_changes_only_what_it_should():
         _ACTIVE[0] = None
     assert not torch.allclose(base, quant)
     torch.testing.assert_close(sinks, base)
+
+
+def test_channelwise_key_quantization():
+    import torch
+    from kv_quant_ablation import Variant, channelwise_quantize_dequantize, mean_bytes_per_vector
+
+    from vllm_kvplug.quant import QuantRecipe
+
+    torch.manual_seed(0)
+    recipe = QuantRecipe(4, 64, None)
+    x = torch.randn(2, 40, 64)
+    x[..., 5] *= 30  # outlier channel: per-channel scales absorb it
+    out = channelwise_quantize_dequantize(x, recipe, tokens=16)
+    for start in range(0, 40, 16):  # half a step per channel per token group (+ fp16)
+        g = x[:, start:start + 16]
+        step = (g.amax(1) - g.amin(1)) / recipe.levels
+        err = (out[:, start:start + 16] - g).abs().amax(1)
+        assert torch.all(err <= step / 2 + 1e-3 * g.abs().amax(1) + 1e-5)
+    const = torch.ones(1, 16, 64) * torch.arange(64.0)  # constant over tokens: exact
+    torch.testing.assert_close(channelwise_quantize_dequantize(const, recipe, 16), const)
+    assert mean_bytes_per_vector(Variant.parse("int4/g64/h64/kc16"), 64) == (48 + 36) / 2
