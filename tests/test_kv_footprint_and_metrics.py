@@ -34,10 +34,11 @@ def test_metrics_exposition():
     registry = CollectorRegistry()
     metrics = KVPlugMetrics(registry)
     metrics.publish_profile("none", "builtin:none", 65536, 131072,
-                            {"quantization": "none", "kv_cache_dtype": "fp8"})
+                            {"quantization": "none", "eviction": "none",
+                             "chunk_reuse": "false", "kv_cache_dtype": "fp8"})
     text = generate_latest(registry).decode()
-    assert 'kvplug_profile_info{kv_cache_dtype="fp8",profile="none",quantization="none",' \
-           'source="builtin:none"} 1.0' in text
+    assert ('kvplug_profile_info{chunk_reuse="false",eviction="none",kv_cache_dtype="fp8",'
+            'profile="none",quantization="none",source="builtin:none"} 1.0') in text
     assert 'kvplug_kv_cache_bytes_per_token{profile="none"} 65536.0' in text
     assert 'kvplug_kv_cache_compression_ratio{profile="none"} 2.0' in text
     # A new profile replaces the old series rather than adding a second one.

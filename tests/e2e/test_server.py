@@ -72,3 +72,16 @@ def test_bad_profile_stops_startup_with_message(smollm2_path, tmp_path):
     assert f"invalid kv-compression profile {bad}" in proc.stderr
     assert "quantization.method" in proc.stderr and "'none', 'int4', 'int2'" in proc.stderr
     assert "eviction.budget: unknown field" in proc.stderr
+
+
+def test_metrics_with_several_api_servers(smollm2_path, tmp_path):
+    # vLLM switches Prometheus to multiprocess mode; the plugin's gauges must still show.
+    server = Server(smollm2_path, ["--kv-compression", "none", "--api-server-count", "2"],
+                    tmp_path / "multi.log")
+    try:
+        for _ in range(4):  # connections may land on either API-server process
+            text = server.metrics()
+            assert re.search(r'^kvplug_profile_info\{.*profile="none".*\} 1\.0$', text, re.M)
+            assert 'kvplug_kv_cache_bytes_per_token{profile="none"} 46080.0' in text
+    finally:
+        server.stop()
