@@ -198,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ppl = perplexity(model, windows)
         baseline = baseline or ppl
-        r = variant.recipe
         bytes_vec = mean_bytes_per_vector(variant, head_size)
         result = {"recipe": variant.label, "ppl": round(ppl, 4),
                   "ppl_ratio": round(ppl / baseline, 4),
