@@ -85,3 +85,12 @@ def test_metrics_with_several_api_servers(smollm2_path, tmp_path):
             assert 'kvplug_kv_cache_bytes_per_token{profile="none"} 46080.0' in text
     finally:
         server.stop()
+
+
+def test_dashboard_queries_name_live_metrics(server_with_profile):
+    from tests.deploy_files import dashboard_metric_names, exposed_names
+
+    server_with_profile.chat(QUESTION, max_tokens=4)  # histograms get samples
+    live = exposed_names(server_with_profile.metrics())
+    missing = sorted(dashboard_metric_names() - live)
+    assert not missing, f"dashboard queries metrics the server does not export: {missing}"
