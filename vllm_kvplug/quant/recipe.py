@@ -39,10 +39,6 @@ class QuantRecipe:
     def levels(self) -> int:
         return (1 << self.bits) - 1
 
-    @property
-    def codes_per_byte(self) -> int:
-        return 8 // self.bits
-
     def check_head_size(self, head_size: int) -> None:
         """Raise a ValueError naming the option when `head_size` does not fit the recipe."""
         if head_size % self.group_size:

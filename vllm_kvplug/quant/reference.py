@@ -58,13 +58,24 @@ def quantize(x: torch.Tensor, recipe: QuantRecipe
     recipe.check_head_size(d)
     xr = block_hadamard(x.float(), recipe.hadamard_block)
     groups = xr.reshape(*x.shape[:-1], d // recipe.group_size, recipe.group_size)
-    lo = groups.amin(-1).half()
-    hi = groups.amax(-1)
-    scale = ((hi - lo.float()) / recipe.levels).half()
-    safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(hi))
-    codes = torch.round((groups - lo.float()[..., None]) / safe[..., None])
-    codes = codes.clamp(0, recipe.levels).to(torch.uint8).reshape(*x.shape[:-1], d)
-    return pack(codes, recipe.bits), scale, lo
+    codes, scale, lo = asymmetric_quantize(groups, recipe.levels, dim=-1)
+    codes = codes.to(torch.uint8).reshape(*x.shape[:-1], d)
+    return pack(codes, recipe.bits), scale.squeeze(-1), lo.squeeze(-1)
+
+
+def asymmetric_quantize(values: torch.Tensor, levels: int, dim: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of float `values` along `dim` (kept as size 1).
+
+    Returns (codes as float in [0, levels], fp16 step, fp16 minimum). The minimum and step
+    are rounded to fp16 before the codes are computed, so decoding with the stored values
+    is exact up to half a step. A constant group gets step 0 and decodes exactly.
+    """
+    lo = values.amin(dim, keepdim=True).half()
+    step = ((values.amax(dim, keepdim=True) - lo.float()) / levels).half()
+    safe = torch.where(step.float() > 0, step.float(), torch.ones_like(step.float()))
+    codes = torch.round((values - lo.float()) / safe).clamp(0, levels)
+    return codes, step, lo
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
