@@ -142,11 +142,24 @@ def test_controller_candidates_must_load(tmp_path):
 
 
 def test_valid_but_unimplemented_feature_is_refused(tmp_path):
-    resolved = load_profile(str(write(tmp_path, "name: q\nquantization: {method: int2}\n")))
+    resolved = load_profile(str(write(
+        tmp_path, "name: q\nquantization: {method: int4, recent_tokens: 128}\n")))
     with pytest.raises(ProfileError) as info:
         check_implemented(resolved)
-    assert "quantization.method='int2'" in str(info.value)
+    assert "quantization.recent_tokens=128" in str(info.value)
     assert "does not implement yet" in str(info.value)
+    resolved = load_profile(str(write(tmp_path, "name: e\neviction: {policy: snapkv, "
+                                                "budget_fraction: 0.25}\n", "e.yaml")))
+    with pytest.raises(ProfileError, match="eviction.policy='snapkv'"):
+        check_implemented(resolved)
+
+
+def test_quantization_profiles_are_implemented():
+    for name in ("int4-hadamard", "k8v4-hadamard", "int2-hadamard"):
+        resolved = load_profile(name)
+        check_implemented(resolved)
+        assert resolved.profile.quantization.method != "none"
+    assert load_profile("k8v4-hadamard").profile.quantization.key_bits == 8
 
 
 def test_builtin_name_wins_over_same_named_file(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def test_block_hadamard_acts_per_block():
     torch.testing.assert_close(y[0, 32:].abs(), torch.full((32,), 32 ** -0.5))
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_unpack_round_trip(bits):
     codes = torch.randint(0, 1 << bits, (3, 4, 64), dtype=torch.uint8)
     packed = pack(codes, bits)
@@ -50,9 +50,16 @@ def test_pack_unpack_round_trip(bits):
     assert torch.equal(unpack(packed, bits), codes)
 
 
-def test_packing_order_is_low_bits_first():
+def test_packing_is_planar():
+    # INT4: element j in the low nibble, element j + d/2 in the high nibble of byte j
     assert pack(torch.tensor([[1, 2]], dtype=torch.uint8), 4).item() == 0x21
+    assert pack(torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8), 4).tolist() == [[0x31, 0x42]]
+    # INT2: element j + i*d/4 in bits 2i..2i+1
     assert pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).item() == 0b00111001
+    assert pack(torch.tensor([[1, 0, 2, 0, 3, 0, 0, 1]], dtype=torch.uint8), 2
+                ).tolist() == [[0b00111001, 0b01000000]]
+    assert torch.equal(pack(torch.tensor([[7, 200]], dtype=torch.uint8), 8),
+                       torch.tensor([[7, 200]], dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("recipe", [INT4, INT2, QuantRecipe(4, 128, None)])
@@ -114,5 +121,5 @@ def test_head_size_errors_name_the_option():
         QuantRecipe(4, 128, 64).check_head_size(64)
     with pytest.raises(ValueError, match="quantization.hadamard_block 128"):
         QuantRecipe(4, 32, 128).check_head_size(96)
-    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+    with pytest.raises(ValueError, match="bits must be one of"):
         QuantRecipe(3, 32, None)

@@ -24,6 +24,12 @@ class ModelKVShape:
 
 def bytes_per_token(profile: Profile, shape: ModelKVShape, kv_cache_dtype: str) -> float:
     """Bytes of KV cache one token occupies under `profile`."""
+    if profile.quantization.method != "none":
+        from vllm_kvplug.quant.recipe import KVRecipe
+
+        recipe = KVRecipe.from_section(profile.quantization)
+        return (recipe.bytes_per_token_head(shape.head_size) * shape.num_kv_heads
+                * shape.num_attention_layers)
     if not profile.is_passthrough:
         raise NotImplementedError(
             f"no footprint formula for profile '{profile.name}' in this release"

@@ -12,7 +12,10 @@ from vllm_kvplug.profiles.loader import ProfileError, ResolvedProfile
 
 # dotted setting -> values this release implements
 IMPLEMENTED: dict[str, set[object]] = {
-    "quantization.method": {"none"},
+    "quantization.method": {"none", "int4", "int2"},
+    # mixed precision for sink / recent tokens: specified, not implemented yet
+    "quantization.sink_tokens": {0},
+    "quantization.recent_tokens": {0},
     "eviction.policy": {"none"},
     "chunk_reuse.enabled": {False},
     "controller.enabled": {False},

@@ -23,6 +23,9 @@ class QuantizationSection(_Section):
     """Quantized paged KV (INT4 / INT2 with block-diagonal Hadamard rotation)."""
 
     method: Literal["none", "int4", "int2"] = "none"
+    # Bits of K when they differ from the method's (K carries most of the error; e.g. 8
+    # with method int4 keeps K at INT8 and V at INT4). None: same as the method.
+    key_bits: Literal[2, 4, 8] | None = None
     # Token-wise group: how many consecutive elements of one head vector share a scale.
     group_size: Literal[32, 64, 128] = 128
     rotation: Literal["none", "hadamard"] = "hadamard"
@@ -102,6 +105,9 @@ class Profile(_Section):
         settings: dict[str, object] = {}
         if self.quantization.method != "none":
             settings["quantization.method"] = self.quantization.method
+            for key in ("sink_tokens", "recent_tokens"):
+                if getattr(self.quantization, key):
+                    settings[f"quantization.{key}"] = getattr(self.quantization, key)
         if self.eviction.policy != "none":
             settings["eviction.policy"] = self.eviction.policy
         if self.chunk_reuse.enabled:

@@ -5,8 +5,11 @@ Write path, per (token, KV head) vector x of `head_size` elements (post-RoPE K, 
      matrix (symmetric and its own inverse), b = `hadamard_block`;
   2. split x' into groups of `group_size`; per group min m and scale s = (max - m) / L,
      L = 2^bits - 1, both rounded to fp16 first so that the stored values are used;
-  3. codes q = clamp(round((x' - m) / s), 0, L), packed little-end first:
-     element 2i in the low nibble of byte i for INT4, element 4i in bits 0-1 for INT2.
+  3. codes q = clamp(floor((x' - m) / s + 1/2), 0, L), packed planar: with
+     P = 8 / bits codes per byte and d' = head_size / P, byte j holds element j + i·d' in
+     bits [i·bits, (i+1)·bits) for i = 0..P-1 (INT4: element j in the low nibble, element
+     j + d/2 in the high nibble), so a kernel unpacks contiguous halves/quarters of the
+     vector with one shift and mask each.
 Read path: x' ≈ q·s + m; attention runs in the rotated space (q·H against K', and the
 output of softmax·V' rotated back with H), so x itself is never rebuilt in the kernel.
 """
@@ -74,7 +77,7 @@ def asymmetric_quantize(values: torch.Tensor, levels: int, dim: int
     lo = values.amin(dim, keepdim=True).half()
     step = ((values.amax(dim, keepdim=True) - lo.float()) / levels).half()
     safe = torch.where(step.float() > 0, step.float(), torch.ones_like(step.float()))
-    codes = torch.round((values - lo.float()) / safe).clamp(0, levels)
+    codes = torch.floor((values - lo.float()) / safe + 0.5).clamp(0, levels)
     return codes, step, lo
 
 
@@ -94,16 +97,16 @@ def quantize_dequantize(x: torch.Tensor, recipe: QuantRecipe) -> torch.Tensor:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Planar packing of the last dimension (see the module docstring)."""
     per_byte = 8 // bits
-    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte).to(torch.uint8)
-    out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
+    c = codes.reshape(*codes.shape[:-1], per_byte, codes.shape[-1] // per_byte).to(torch.uint8)
+    out = torch.zeros_like(c[..., 0, :])
     for i in range(per_byte):
-        out |= c[..., i] << (bits * i)
+        out |= c[..., i, :] << (bits * i)
     return out
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     mask = (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
-    return torch.stack(parts, -1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(per_byte)], -1)

@@ -1,8 +1,10 @@
 """The only package that touches vLLM internals; a vLLM upgrade should change only this.
 
-`install()` is idempotent and cheap: it checks the vLLM version and adds the
-`--kv-compression` flag and the profile hook to vLLM's `EngineArgs`. Without the flag
-(or `additional_config["kv_compression"]`) vLLM runs exactly as without the plugin.
+`install()` is idempotent and cheap: it checks the vLLM version, adds the
+`--kv-compression` flag and the profile hook to vLLM's `EngineArgs`, and registers the
+quantized-KV attention backend (vLLM's `CUSTOM` slot) with its KV-cache spec. The backend
+is only selected when a profile with quantization is active; without the flag (or
+`additional_config["kv_compression"]`) vLLM runs exactly as without the plugin.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ def install() -> None:
     if _installed:
         return
     _check_vllm_version()
-    from vllm_kvplug.vllm_glue import engine_args
+    from vllm_kvplug.vllm_glue import engine_args, kv_spec, platform
 
     engine_args.patch_engine_args()
+    platform.register_backend()
+    kv_spec.register_spec()
+    kv_spec.patch_attention_spec()
     _installed = True
 
 

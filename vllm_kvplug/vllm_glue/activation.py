@@ -1,4 +1,5 @@
-"""What happens once a profile is accepted for an engine: checks, log line and metrics."""
+"""What happens once a profile is accepted for an engine: backend choice, model checks,
+log line and metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 from vllm_kvplug.kv_footprint import bytes_per_token, model_kv_shape, vllm_bytes_per_token
 from vllm_kvplug.metrics import get_metrics
-from vllm_kvplug.profiles import ResolvedProfile
+from vllm_kvplug.profiles import ProfileError, ResolvedProfile
 
 logger = logging.getLogger("vllm.kvplug")
 
@@ -33,3 +34,57 @@ def activate(vllm_config, resolved: ResolvedProfile) -> None:
         "vllm-kvplug: profile '%s' (%s) active; KV cache %.0f bytes/token "
         "(model dtype: %.0f)", profile.name, resolved.source, per_token, baseline,
     )
+
+
+def select_backend(engine_args, resolved: ResolvedProfile) -> None:
+    """A quantizing profile runs on the plugin's backend (vLLM's CUSTOM slot).
+
+    Options that cannot be combined with it are refused with the option's name.
+    """
+    if resolved.profile.quantization.method == "none":
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    where = f"profile {resolved.source} quantizes the KV cache"
+    dtype = str(engine_args.kv_cache_dtype)
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ProfileError(f"{where}; it cannot be combined with --kv-cache-dtype {dtype}. "
+                           "Drop --kv-cache-dtype (or use a profile without quantization).")
+    chosen = engine_args.attention_backend or engine_args.attention_config.backend
+    if chosen is not None and str(getattr(chosen, "name", chosen)).upper() != "CUSTOM":
+        raise ProfileError(f"{where} with its own attention backend; it cannot be combined "
+                           f"with --attention-backend {getattr(chosen, 'name', chosen)}. "
+                           "Drop --attention-backend.")
+    if engine_args.attention_config.backend is None:
+        engine_args.attention_backend = AttentionBackendEnum.CUSTOM
+
+
+def check_model(vllm_config, resolved: ResolvedProfile) -> None:
+    """Refuse models the quantized-KV kernels do not handle, before any weight loads."""
+    if resolved.profile.quantization.method == "none":
+        return
+    from vllm_kvplug.quant.recipe import KVRecipe
+    from vllm_kvplug.vllm_glue.attention_backend import SUPPORTED_HEAD_SIZES
+
+    model_config = vllm_config.model_config
+    name = model_config.model
+    where = f"profile {resolved.source} quantizes the KV cache, but model {name}"
+    alternative = "Use a profile whose quantization.method is 'none' for this model."
+    if model_config.use_mla:
+        raise ProfileError(f"{where} uses multi-head latent attention (MLA), which the "
+                           f"quantized KV format does not cover. {alternative}")
+    if model_config.get_sliding_window() is not None:
+        raise ProfileError(f"{where} uses sliding-window attention, which the quantized "
+                           f"KV backend does not implement. {alternative}")
+    head_size = model_config.get_head_size()
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise ProfileError(f"{where} has head size {head_size}; the kernels support "
+                           f"{', '.join(map(str, SUPPORTED_HEAD_SIZES))}. {alternative}")
+    try:
+        KVRecipe.from_section(resolved.profile.quantization).check_head_size(head_size)
+    except ValueError as e:
+        raise ProfileError(f"{where}: {e}") from None
+    block_size = vllm_config.cache_config.block_size
+    if block_size is not None and block_size % 16:
+        raise ProfileError(f"{where}: --block-size {block_size} is not a multiple of 16, "
+                           "which the quantized KV kernels need. Use 16, 32, 64 or 128.")

@@ -60,8 +60,12 @@ def patch_engine_args() -> None:
             return original_create_engine_config(self, *args, **kwargs)
         check_implemented(resolved)
         self.additional_config = {**self.additional_config, CONFIG_KEY: resolved.to_config()}
+        from vllm_kvplug.vllm_glue.activation import activate, check_model, \
+            select_backend
+
+        select_backend(self, resolved)
         vllm_config = original_create_engine_config(self, *args, **kwargs)
-        from vllm_kvplug.vllm_glue.activation import activate
+        check_model(vllm_config, resolved)
 
         activate(vllm_config, resolved)
         return vllm_config

@@ -1,0 +1,235 @@
+"""vLLM attention backend for the quantized paged KV cache (INT4 / INT2 / INT8 pages).
+
+Registered as vLLM's `CUSTOM` backend. The cache of a layer is one uint8 tensor
+`[num_blocks, page_bytes]` laid out as `vllm_kvplug.quant.paged.PagedLayout`. On CUDA the
+write (fused rotate + quantize + scatter) and the paged attention (dequantization inside
+the kernel) are the Triton kernels of `vllm_kvplug.triton_kernels`; on CPU the same format
+is written and read by the PyTorch reference, so the CPU engine serves real models with
+quantized KV (slowly; it is the correctness path).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from vllm_kvplug.profiles import ResolvedProfile
+from vllm_kvplug.quant.paged import PagedLayout, attention_reference, write_reference
+from vllm_kvplug.quant.recipe import KVRecipe
+
+CONFIG_KEY = "kv_compression"
+SUPPORTED_HEAD_SIZES = (64, 128, 256)
+# Decode batches up to this many sequences may use split-K (flash-decoding) scratch.
+MAX_SPLIT_DECODE_SEQS = 128
+MAX_SPLITS = 16
+
+_active_recipe: KVRecipe | None = None
+
+
+def recipe_from_config(vllm_config) -> KVRecipe:
+    """The KV recipe of the profile carried in `additional_config` (one per engine)."""
+    global _active_recipe
+    entry = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if entry is None:
+        raise RuntimeError("the vllm-kvplug attention backend is selected but no "
+                           "kv_compression profile is configured")
+    recipe = _recipe_from_entry(json.dumps(entry, sort_keys=True))
+    _active_recipe = recipe
+    return recipe
+
+
+@functools.lru_cache(maxsize=8)
+def _recipe_from_entry(entry_json: str) -> KVRecipe:
+    resolved = ResolvedProfile.from_config(json.loads(entry_json))
+    return KVRecipe.from_section(resolved.profile.quantization)
+
+
+def layout_for(vllm_config, num_kv_heads: int, head_size: int, block_size: int
+               ) -> PagedLayout:
+    return PagedLayout(recipe_from_config(vllm_config), num_kv_heads, head_size, block_size)
+
+
+def _active_layout(num_kv_heads: int, head_size: int, block_size: int) -> PagedLayout:
+    recipe = _active_recipe
+    if recipe is None:
+        from vllm.config import get_current_vllm_config
+
+        recipe = recipe_from_config(get_current_vllm_config())
+    return PagedLayout(recipe, num_kv_heads, head_size, block_size)
+
+
+class QuantizedKVBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
+                                                     torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16",
+                                                      "float32"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[QuantizedKVImpl]:
+        return QuantizedKVImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[QuantizedKVMetadataBuilder]:
+        return QuantizedKVMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int, cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        return num_blocks, _active_layout(num_kv_heads, head_size, block_size).page_bytes
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+@dataclass
+class QuantizedKVMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    workspace: object | None  # triton_kernels.AttentionWorkspace on CUDA
+
+
+class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
+    # Decode-only batches may run inside full CUDA graphs: the kernels read every
+    # per-batch value from the runner's persistent tensors and size grids from host ints.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = \
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        self.workspace = None
+        if device.type == "cuda":
+            from vllm_kvplug.triton_kernels import AttentionWorkspace
+
+            model_config = vllm_config.model_config
+            num_heads = model_config.get_num_attention_heads(vllm_config.parallel_config)
+            self.workspace = AttentionWorkspace(
+                max_tokens=min(MAX_SPLIT_DECODE_SEQS,
+                               vllm_config.scheduler_config.max_num_seqs),
+                num_heads=num_heads, head_size=kv_cache_spec.head_size,
+                max_splits=MAX_SPLITS, device=device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> QuantizedKVMetadata:
+        m = common_attn_metadata
+        return QuantizedKVMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc,
+            seq_lens=m.seq_lens, block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping, workspace=self.workspace)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> QuantizedKVMetadata:
+        metadata = self.build(0, common_attn_metadata)
+        metadata.seq_lens.fill_(1)  # capture fast; replays read the real lengths
+        return metadata
+
+
+class QuantizedKVImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None,
+                 kv_cache_dtype: str, logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "attention sinks": extra.get("sinks") is not None,
+        }
+        named = [name for name, present in unsupported.items() if present]
+        if named:
+            raise NotImplementedError(
+                f"vllm-kvplug quantized KV does not support {', '.join(named)} (this model "
+                "needs it); serve it with a profile whose quantization.method is 'none'")
+        from vllm.config import get_current_vllm_config
+
+        self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+        self.scale = float(scale)
+        self.recipe = recipe_from_config(get_current_vllm_config())
+        self.recipe.check_head_size(head_size)
+        self._layout: PagedLayout | None = None
+
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        return False
+
+    def _layout_for(self, kv_cache: torch.Tensor) -> PagedLayout:
+        layout = self._layout
+        if layout is None or layout.page_bytes != kv_cache.shape[1]:
+            bytes_per_token = self.num_kv_heads * self.recipe.bytes_per_token_head(
+                self.head_size)
+            block_size = kv_cache.shape[1] // bytes_per_token
+            layout = PagedLayout(self.recipe, self.num_kv_heads, self.head_size, block_size)
+            self._layout = layout
+        return layout
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        layout = self._layout_for(kv_cache)
+        n = slot_mapping.shape[0]
+        if kv_cache.device.type == "cpu":
+            write_reference(kv_cache, key[:n], value[:n], slot_mapping, layout)
+        else:
+            from vllm_kvplug.triton_kernels import write_kv
+
+            write_kv(kv_cache, key[:n], value[:n], slot_mapping, layout)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: QuantizedKVMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the "
+                                      "vllm-kvplug backend")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        m = attn_metadata
+        n = m.num_actual_tokens
+        layout = self._layout_for(kv_cache)
+        if kv_cache.device.type == "cpu":
+            output[:n] = attention_reference(query[:n], kv_cache, m.block_table, m.seq_lens,
+                                             m.query_start_loc, layout, self.scale)
+            return output
+        from vllm_kvplug.triton_kernels import paged_attention
+
+        paged_attention(query, kv_cache, m.block_table, m.seq_lens, m.query_start_loc,
+                        layout, self.scale, output, max_query_len=m.max_query_len,
+                        max_seq_len=m.max_seq_len, workspace=m.workspace)
+        return output
