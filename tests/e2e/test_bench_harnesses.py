@@ -30,7 +30,7 @@ def test_quality_harness(smollm2_path, tmp_path):
     corpus.write_text("\n\n".join(p.read_text() for p in sorted(ROOT.glob("docs/*.md"))
                                   + [ROOT / "README.md"]))
     run(["bench/quality.py", "--model", str(smollm2_path), "--dtype", "float32",
-         "--corpus-file", str(corpus), "--configs", "profile:none",
+         "--corpus-file", str(corpus), "--configs", "profile:none", "profile:int4-hadamard",
          "--lengths", "256", "--depths", "0.5", "--trials", "2",
          "--ppl-windows", "2", "--ppl-window-tokens", "256",
          "--out-dir", str(tmp_path), "--tag", "q"])
@@ -43,6 +43,12 @@ def test_quality_harness(smollm2_path, tmp_path):
     assert len(trials) == 2 and all(t["length"] == 256 for t in trials)
     assert result["passkey"]["accuracy"] == sum(t["correct"] for t in trials) / 2
     assert "| profile:none |" in (tmp_path / "q.md").read_text()
+    # INT4 pages served through vLLM: perplexity close to the unquantized cache (the
+    # format costs a few percent on this model; a broken write or read path costs x10)
+    int4 = report["results"]["profile:int4-hadamard"]
+    assert int4["ok"], int4
+    assert int4["perplexity"]["tokens"] == ppl["tokens"]
+    assert 0.9 < int4["perplexity"]["ppl"] / ppl["ppl"] < 1.25
 
 
 def test_throughput_harness(smollm2_path, tmp_path):
