@@ -167,8 +167,8 @@ def attention_reference(query: torch.Tensor, cache: torch.Tensor, block_table: t
         k = k.repeat_interleave(group, dim=1)  # [S, Hq, D]
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,shd->hqs", q, k) * scale
-        q_pos = torch.arange(seq_len - (end - start), seq_len)
-        mask = torch.arange(seq_len)[None, :] > q_pos[:, None]
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)
+        mask = torch.arange(seq_len, device=query.device)[None, :] > q_pos[:, None]
         scores.masked_fill_(mask[None], float("-inf"))
         o = torch.einsum("hqs,shd->qhd", torch.softmax(scores, -1), v)
         out[start:end] = block_hadamard(o, block).to(query.dtype)

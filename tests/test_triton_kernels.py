@@ -1,0 +1,247 @@
+"""The Triton kernels (`vllm_kvplug.triton_kernels`) against the PyTorch reference.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before
+the kernels are imported; if another test module imported them earlier without it, they
+are reloaded) on small shapes. With a GPU the same tests compile and run the real kernels.
+"""
+
+import os
+
+import torch
+
+_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vllm_kvplug.quant.paged import PagedLayout, attention_reference, write_reference  # noqa: E402,E501
+from vllm_kvplug.quant.recipe import KVRecipe, QuantRecipe  # noqa: E402
+from vllm_kvplug.quant.reference import unpack  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_kernels():
+    """Import vllm_kvplug.triton_kernels; interpreted when there is no GPU."""
+    import vllm_kvplug.triton_kernels as tk
+
+    mods = [sys.modules[f"vllm_kvplug.triton_kernels.{m}"]
+            for m in ("kv_write", "paged_attention")]
+    if DEVICE == "cpu" and type(mods[0]._write_kv_kernel).__name__ != "InterpretedFunction":
+        import triton
+        triton.knobs.runtime.interpret = True  # imported before the flag: decorate again
+        for mod in mods + [tk]:
+            importlib.reload(mod)
+    return tk
+
+
+tk = _load_kernels()
+if _SET_INTERPRET:  # keep the flag in-process (a knob), out of later tests' subprocesses
+    import triton  # noqa: E402
+
+    triton.knobs.runtime.interpret = True
+    del os.environ["TRITON_INTERPRET"]
+
+
+def layout_of(kbits, vbits, group, hb, heads, head_size, bs):
+    return PagedLayout(KVRecipe(QuantRecipe(kbits, group, hb), QuantRecipe(vbits, group, hb)),
+                       heads, head_size, bs)
+
+
+def test_kernels_run_interpreted_without_gpu():
+    kernel = sys.modules["vllm_kvplug.triton_kernels.paged_attention"]._attention_kernel
+    name = type(kernel).__name__
+    assert (name == "InterpretedFunction") == (DEVICE == "cpu")
+
+
+def test_blockdiag_hadamard_is_orthonormal_and_block_diagonal():
+    h = tk.blockdiag_hadamard(64, 16, DEVICE).cpu()
+    assert h.dtype == torch.float32 and h.shape == (64, 64)
+    torch.testing.assert_close(h @ h, torch.eye(64), atol=1e-6, rtol=0)
+    assert h[:16, 16:].abs().sum() == 0
+    assert tk.blockdiag_hadamard(64, 16, DEVICE) is tk.blockdiag_hadamard(64, 16, DEVICE)
+    torch.testing.assert_close(tk.blockdiag_hadamard(32, None, DEVICE).cpu(), torch.eye(32))
+
+
+# ---------------------------------------------------------------------------- write_kv
+
+@pytest.mark.parametrize("kbits,vbits,group,hb,head_size,bs,dtype", [
+    (4, 4, 32, 32, 64, 16, torch.float32),
+    (8, 4, 64, 64, 64, 32, torch.bfloat16),
+    (2, 2, 32, None, 64, 16, torch.float16),
+    (4, 2, 128, 16, 128, 16, torch.bfloat16),
+])
+def test_write_kv_matches_reference(kbits, vbits, group, hb, head_size, bs, dtype):
+    torch.manual_seed(0)
+    heads, num_blocks, t = 2, 5, 37
+    layout = layout_of(kbits, vbits, group, hb, heads, head_size, bs)
+    # key/value are strided views of a fused qkv tensor, like vLLM passes them
+    qkv = (torch.randn(t, 4 * heads, head_size) * 2 + 0.3).to(dtype).to(DEVICE)
+    key, value = qkv[:, 2 * heads:3 * heads], qkv[:, 3 * heads:]
+    slots = torch.randperm((num_blocks - 1) * bs)[:t]  # block num_blocks-1 stays unused
+    slots[[3, 17]] = -1  # padding
+    init = torch.randint(0, 256, (num_blocks, layout.page_bytes), dtype=torch.uint8)
+    init.view(torch.float16)[init.view(torch.float16).isnan()] = 0
+    want = init.clone()
+    write_reference(want, key.cpu(), value.cpu(), slots, layout)
+    got = init.clone().to(DEVICE)
+    tk.write_kv(got, key, value, slots.to(DEVICE), layout)
+    got = got.cpu()
+
+    assert torch.equal(got[-1], init[-1])  # an unused block is untouched
+    for which, recipe in (("key", layout.recipe.key), ("value", layout.recipe.value)):
+        (wc, ws, wm), (gc, gs, gm) = layout.views(want, which), layout.views(got, which)
+        diff = unpack(gc, recipe.bits).int() - unpack(wc, recipe.bits).int()
+        # ties of the rotation's summation order may move a code by one, rarely
+        assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01, which
+        if hb is None or dtype == torch.float32:
+            assert torch.equal(gc, wc), which
+        torch.testing.assert_close(gs.float(), ws.float(), rtol=2e-3, atol=1e-5)
+        torch.testing.assert_close(gm.float(), wm.float(), rtol=2e-3, atol=1e-5)
+    # slots that were not written (padding rows included) keep their old bytes
+    written = torch.zeros(num_blocks * bs, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    codes_init, codes_got = layout.views(init, "key")[0], layout.views(got, "key")[0]
+    idle = ~written.view(num_blocks, bs)
+    assert torch.equal(codes_got.permute(0, 2, 1, 3)[idle], codes_init.permute(0, 2, 1, 3)[idle])
+
+
+def test_write_kv_detects_a_wrong_layout():
+    layout = layout_of(4, 4, 32, 32, 2, 64, 16)
+    with pytest.raises(ValueError, match="uint8 cache"):
+        tk.write_kv(torch.zeros(2, layout.page_bytes + 2, dtype=torch.uint8, device=DEVICE),
+                    torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), torch.zeros(1), layout)
+
+
+# ---------------------------------------------------------------------- paged_attention
+
+def make_batch(layout, seq_lens, q_lens, num_q_heads, dtype=torch.float32, pad_rows=2,
+               seed=0):
+    """A cache filled by write_reference (random block placement), queries and metadata."""
+    g = torch.Generator().manual_seed(seed)
+    bs, heads, d = layout.block_size, layout.num_kv_heads, layout.head_size
+    blocks_per_seq = [max(1, -(-n // bs)) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    order = torch.randperm(num_blocks, generator=g)
+    block_table = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
+    cache = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
+    used = 0
+    for i, n in enumerate(seq_lens):
+        block_table[i, :blocks_per_seq[i]] = order[used:used + blocks_per_seq[i]]
+        used += blocks_per_seq[i]
+        pos = torch.arange(n)
+        slots = block_table[i, pos // bs].long() * bs + pos % bs
+        k = torch.randn(n, heads, d, generator=g) + torch.randn(1, heads, d, generator=g)
+        v = torch.randn(n, heads, d, generator=g)
+        write_reference(cache, k, v, slots, layout)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    t = int(qsl[-1]) + pad_rows
+    qkv = torch.randn(t, num_q_heads + 2 * heads, d, generator=g).to(dtype)
+    query = qkv[:, :num_q_heads]  # non-contiguous rows, like vLLM's slice of qkv
+    return dict(query=query, cache=cache, block_table=block_table,
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=qsl)
+
+
+def run_kernel(batch, layout, **kw):
+    dev = {k: v.to(DEVICE) for k, v in batch.items()}
+    out = torch.full(batch["query"].shape, 7.0, dtype=batch["query"].dtype, device=DEVICE)
+    q_lens = (batch["query_start_loc"][1:] - batch["query_start_loc"][:-1]).tolist()
+    res = tk.paged_attention(dev["query"], dev["cache"], dev["block_table"], dev["seq_lens"],
+                             dev["query_start_loc"], layout, layout.head_size ** -0.5, out,
+                             max_query_len=max(q_lens),
+                             max_seq_len=int(batch["seq_lens"].max()), **kw)
+    assert res is out
+    return out.cpu()
+
+
+def reference(batch, layout):
+    return attention_reference(batch["query"], batch["cache"], batch["block_table"],
+                               batch["seq_lens"], batch["query_start_loc"], layout,
+                               layout.head_size ** -0.5)
+
+
+def check(batch, layout, out, tol=1e-2):
+    n = int(batch["query_start_loc"][-1])
+    ref = reference(batch, layout)
+    err = (out[:n].float() - ref[:n].float()).abs().max().item()
+    assert err < tol, f"max abs error {err}"
+    assert (out[n:] == 7.0).all()  # padding rows untouched
+    return ref
+
+
+CASES = {
+    # name: (kbits, vbits, group, hb, kv heads, q heads, D, block, seq_lens, q_lens, splits)
+    "decode_k4v4_gqa4_bs16": (4, 4, 32, 32, 2, 8, 64, 16, [37, 5, 70], [1, 1, 1], None),
+    "decode_split_k8v4_gqa1_bs32": (8, 4, 64, 64, 2, 2, 64, 32, [90, 33, 7], [1, 1, 1], 3),
+    "chunked_prefill_k2v2_d128": (2, 2, 32, 64, 1, 4, 128, 16, [45], [20], None),
+    "mixed_k4v4_norot_bs32": (4, 4, 32, None, 2, 2, 64, 32, [40, 9, 0, 66], [1, 9, 0, 17],
+                              None),
+    "mixed_k8v4_g128_gqa4": (8, 4, 128, 128, 1, 4, 128, 16, [30, 18], [1, 18], None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_paged_attention_matches_reference(name):
+    kb, vb, g, hb, h, hq, d, bs, seq_lens, q_lens, splits = CASES[name]
+    layout = layout_of(kb, vb, g, hb, h, d, bs)
+    batch = make_batch(layout, seq_lens, q_lens, hq)
+    check(batch, layout, run_kernel(batch, layout, num_splits=splits), tol=1e-2)
+
+
+def test_split_k_with_a_reused_workspace_and_bf16():
+    layout = layout_of(4, 4, 32, 32, 2, 64, 16)
+    ws = tk.AttentionWorkspace(8, 8, 64, 4, DEVICE)
+    for seed, seq_lens in ((1, [50, 3]), (2, [17, 64, 33])):
+        batch = make_batch(layout, seq_lens, [1] * len(seq_lens), 8, torch.bfloat16,
+                           seed=seed)
+        check(batch, layout, run_kernel(batch, layout, workspace=ws, num_splits=4), tol=3e-2)
+
+
+def test_split_heuristic_uses_host_integers_only():
+    assert tk.choose_num_splits(8, 8, 1, 8192, "cpu") > 1        # 64 programs: split
+    assert tk.choose_num_splits(8, 8, 7, 8192, "cpu") == 1       # not pure decode
+    assert tk.choose_num_splits(256, 8, 1, 8192, "cpu") == 1     # the grid is full
+    assert tk.choose_num_splits(8, 8, 1, 300, "cpu") == 1        # too short to split
+
+
+def test_corrupted_cache_changes_the_output():
+    """The kernel reads the bytes the reference reads: corruption shows, other pages don't."""
+    layout = layout_of(4, 4, 32, 32, 2, 64, 16)
+    batch = make_batch(layout, [40, 20], [3, 1], 4)
+    clean = check(batch, layout, run_kernel(batch, layout))
+    spare = [b for b in range(batch["cache"].shape[0])
+             if b not in batch["block_table"][0, :3].tolist()
+             and b not in batch["block_table"][1, :2].tolist()]
+    batch["cache"][spare] ^= 0x5A  # pages no sequence owns: no effect
+    torch.testing.assert_close(run_kernel(batch, layout)[:4], clean[:4], atol=1e-2, rtol=0)
+    page = int(batch["block_table"][0, 1])
+    codes, steps, minima = layout.views(batch["cache"], "key")
+    codes[page, 1, 3] ^= 0xFF  # K of token 19 of sequence 0, KV head 1
+    _, vsteps, _ = layout.views(batch["cache"], "value")
+    vsteps[page, 0, 5] *= 4  # V scales of token 21, KV head 0
+    out = run_kernel(batch, layout)
+    corrupted = check(batch, layout, out)  # still equals the reference on the same bytes
+    assert (corrupted[:3] - clean[:3]).abs().max() > 0.05
+
+
+def test_kernel_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TRITON_INTERPRET="1" if DEVICE == "cpu" else "0",
+               PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_bench.py"), "--smoke",
+                           "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["correctness"] and all(c["ok"] for c in result["correctness"])
+    assert result["decode"] and result["write"]
+    assert "| profile" in proc.stdout

@@ -1,0 +1,448 @@
+"""Paged attention over the quantized KV cache, dequantizing inside the kernel.
+
+One kernel serves decode, prefill with cached context (chunked prefill) and mixed batches
+(varlen, causal, GQA); `attention_reference` in `vllm_kvplug.quant.paged` is its
+specification.
+
+Work split. A program owns one KV head and a block of BLOCK_Q query tokens of one
+sequence, and all GROUP = Hq/H query heads of that KV head: its BLOCK_M = BLOCK_Q·GROUP
+rows (row r = token r // GROUP, head r % GROUP, padded to ≥ 16 for tl.dot) share every KV
+tile, so each tile is read and dequantized once per group. The grid is
+(T // BLOCK_Q + num_seqs, H, splits), computed from host integers only; each program finds
+its sequence by a binary search in query_start_loc and exits when its query block is past
+the end of the sequence (so padded batches and CUDA graphs need no host sync).
+
+Inner loop, per tile of TILE_N KV tokens: page of each token through the block table,
+planar codes unpacked with one shift and mask per slice. The head dimension is cut into
+"chunks" of CH = min(group, D·bits/8) contiguous elements: a chunk lies inside one planar
+slice and one quantization group, so its dequantization is code·step + min with one
+(step, min) per token, and q·k = Σ_chunks q[:, chunk] · k_chunk ("split dot"): no
+interleaving of the unpacked nibbles is ever needed. V chunks feed per-chunk fp32
+accumulators (p · v_chunk). Softmax is the fp32 online softmax in base 2.
+
+Rotation. Q is rotated in the prologue (Q · S, S the ±1 block-diagonal Hadamard sign
+matrix, an fp32 dot, scaled by 1/sqrt(b) together with the softmax scale) and the output
+rotated back in the epilogue (o_rot · S / sqrt(b)); the rotated query chunks stay in
+registers for the whole KV loop.
+
+Split-K (flash decoding). For pure decode with few (sequence, KV head) programs, the KV
+range is cut into S segments (grid axis 2); each writes its normalised, rotated-back partial
+output and its (max, sum) to an `AttentionWorkspace`, and a small reduce kernel merges
+them. S is chosen from host integers (batch size, heads, max_seq_len, SM count).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvplug.quant.paged import PagedLayout
+
+from .kv_write import _check_cache, _check_supported, _interpreted, blockdiag_signs
+
+LOG2E = 1.4426950408889634
+_TUNING: dict = {}  # launch-parameter overrides for kernel_bench.py (empty in production)
+
+
+class AttentionWorkspace:
+    """Preallocated split-K scratch, reused across calls (allocate once, CUDA-graph safe).
+
+    Holds, per (token, query head, split), the partial output [D] (fp32, normalised and
+    rotated back) and the running max and sum of the online softmax.
+    """
+
+    def __init__(self, max_tokens: int, num_heads: int, head_size: int, max_splits: int,
+                 device) -> None:
+        self.max_tokens, self.num_heads = max_tokens, num_heads
+        self.head_size, self.max_splits = head_size, max_splits
+        self.out = torch.empty(max_tokens, num_heads, max_splits, head_size,
+                               dtype=torch.float32, device=device)
+        self.max = torch.empty(max_tokens, num_heads, max_splits, dtype=torch.float32,
+                               device=device)
+        self.sum = torch.empty_like(self.max)
+
+    def fits(self, num_tokens: int, num_heads: int, head_size: int, splits: int) -> bool:
+        return (num_tokens <= self.max_tokens and num_heads == self.num_heads
+                and head_size == self.head_size and splits <= self.max_splits)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: str) -> int:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return 132  # an H100 SXM: keeps the heuristic's choices the same in the interpreter
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
+                      max_seq_len: int, device, max_splits: int = 16,
+                      min_tokens_per_split: int = 512) -> int:
+    """Number of KV segments for split-K; 1 outside pure decode or when the grid is full.
+
+    Depends on host integers only (CUDA-graph safe): aims at about 4 programs per SM
+    without making a segment shorter than `min_tokens_per_split` tokens.
+    """
+    if max_query_len != 1:
+        return 1
+    programs = num_seqs * num_kv_heads
+    target = 4 * _sm_count(str(device))
+    if programs >= target // 2:
+        return 1
+    splits = min(triton.cdiv(target, max(programs, 1)),
+                 triton.cdiv(max_seq_len, min_tokens_per_split), max_splits)
+    return max(1, splits)
+
+
+@triton.jit
+def _find_sequence(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    """Largest sequence s with query_start_loc[s] // BLOCK_Q + s <= pid (binary search)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if first_block <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _codes_to_float(codes):
+    """Small non-negative int32 codes to fp32 without an int-to-float conversion.
+
+    The bits 0x4B000000 | c are the float 2^23 + c exactly, so one OR and one subtraction
+    (full-rate instructions) replace the quarter-rate I2F.
+    """
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _kv_tile(
+    tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end, kv_head,
+    r_ok, r_pos,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, G: tl.constexpr,
+    K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
+    V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
+):
+    """One TILE_N-token step of the online softmax: returns the new (acc, m_i, l_i)."""
+    NG: tl.constexpr = D // G
+    K_P: tl.constexpr = 8 // K_BITS
+    K_DP: tl.constexpr = D * K_BITS // 8
+    K_NB: tl.constexpr = K_DP // K_CH
+    V_P: tl.constexpr = 8 // V_BITS
+    V_DP: tl.constexpr = D * V_BITS // 8
+    V_NB: tl.constexpr = V_DP // V_CH
+    K_MASK: tl.constexpr = (1 << K_BITS) - 1
+    V_MASK: tl.constexpr = (1 << V_BITS) - 1
+    n_off = tl.arange(0, TILE_N)
+    kc = tl.arange(0, K_CH)
+    vc = tl.arange(0, V_CH)
+    n = tile * TILE_N + n_off
+    n_ok = n < kv_end
+    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    slot = n % BLOCK_SIZE
+    k_region = page * PAGE_BYTES + kv_head * K_REGION
+    v_region = page * PAGE_BYTES + V_BASE + kv_head * V_REGION
+    k_meta = (k_region + BLOCK_SIZE * K_DP) // 2 + slot * NG   # fp16 index of steps
+    v_meta = (v_region + BLOCK_SIZE * V_DP) // 2 + slot * NG
+
+    # scores = Σ_chunks q_chunk · dequant(k_chunk)ᵀ
+    scores = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
+    k_codes = cache_ptr + k_region[None, :] + slot[None, :] * K_DP + kc[:, None]
+    for b in tl.static_range(K_NB):
+        kbytes = tl.load(k_codes + b * K_CH, mask=n_ok[None, :], other=0).to(tl.int32)
+        for i in tl.static_range(K_P):
+            grp = (i * K_DP + b * K_CH) // G
+            step = tl.load(cache16_ptr + k_meta + grp, mask=n_ok, other=0.0)
+            lo = tl.load(cache16_ptr + k_meta + BLOCK_SIZE * NG + grp, mask=n_ok,
+                         other=0.0)
+            codes = _codes_to_float((kbytes >> (i * K_BITS)) & K_MASK)
+            k_t = codes * step.to(tl.float32)[None, :] + lo.to(tl.float32)[None, :]
+            scores = tl.dot(q_chunks[b * K_P + i], k_t.to(tl.float16), acc=scores)
+
+    allowed = (r_ok[:, None] & n_ok[None, :]) & (n[None, :] <= r_pos[:, None])
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    m_i = m_new
+    p16 = p.to(tl.float16)
+
+    # acc_chunk = acc_chunk·alpha + p · dequant(v_chunk)
+    v_codes = cache_ptr + v_region[:, None] + slot[:, None] * V_DP + vc[None, :]
+    new_acc = ()
+    for b in tl.static_range(V_NB):
+        vbytes = tl.load(v_codes + b * V_CH, mask=n_ok[:, None], other=0).to(tl.int32)
+        for i in tl.static_range(V_P):
+            grp = (i * V_DP + b * V_CH) // G
+            step = tl.load(cache16_ptr + v_meta + grp, mask=n_ok, other=0.0)
+            lo = tl.load(cache16_ptr + v_meta + BLOCK_SIZE * NG + grp, mask=n_ok,
+                         other=0.0)
+            codes = _codes_to_float((vbytes >> (i * V_BITS)) & V_MASK)
+            v = codes * step.to(tl.float32)[:, None] + lo.to(tl.float32)[:, None]
+            new_acc = new_acc + (tl.dot(p16, v.to(tl.float16),
+                                        acc=acc[b * V_P + i] * alpha[:, None]),)
+    return new_acc, m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, q_stride_t, q_stride_h, o_ptr, o_stride_t, o_stride_h,
+    cache_ptr, cache16_ptr, s_ptr,
+    bt_ptr, bt_stride, seq_lens_ptr, qsl_ptr, num_seqs,
+    ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits,
+    q_scale, out_scale,
+    D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr,
+    G: tl.constexpr, K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
+    V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
+    ROTATE: tl.constexpr, NUM_SPLITS: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    QROT_F16: tl.constexpr,
+):
+    K_P: tl.constexpr = 8 // K_BITS
+    K_DP: tl.constexpr = D * K_BITS // 8      # code bytes per token = elements per slice
+    K_NB: tl.constexpr = K_DP // K_CH         # chunks per slice
+    V_P: tl.constexpr = 8 // V_BITS
+    V_DP: tl.constexpr = D * V_BITS // 8
+    V_NB: tl.constexpr = V_DP // V_CH
+
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_sequence(qsl_ptr, num_seqs, pid, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_block = pid - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    r_tok = q_block * BLOCK_Q + rows // GROUP
+    r_head = kv_head * GROUP + rows % GROUP
+    r_ok = (rows < BLOCK_Q * GROUP) & (r_tok < q_len)
+    r_pos = context + r_tok                  # absolute position of the row's query token
+    r_t = (q_start + r_tok).to(tl.int64)     # row index into query/output
+    d = tl.arange(0, D)
+
+    # ---- prologue: rotated, scaled query chunks (fp16, loop invariant) -----------------
+    q_row = q_ptr + r_t * q_stride_t + r_head * q_stride_h
+    kc = tl.arange(0, K_CH)
+    if ROTATE:
+        q_full = tl.load(q_row[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
+        q_full = q_full.to(tl.float32)
+    q_chunks = ()
+    for b in tl.static_range(K_NB):
+        for i in tl.static_range(K_P):
+            col = i * K_DP + b * K_CH
+            if ROTATE:
+                # With BLOCK_M >= 64 (wgmma), feeding a tensor-core dot's result to the
+                # loop's dots as a loop-invariant operand miscompiled (Triton 3.6, sm_90):
+                # there the rotation is an fp32 FMA dot (more registers, prefill only).
+                s_cols = tl.load(s_ptr + d[:, None] * D + col + kc[None, :])
+                if QROT_F16:  # tensor cores; used below BLOCK_M = 64 only (see above)
+                    qc = tl.dot(q_full.to(tl.float16), s_cols) * q_scale
+                else:
+                    qc = tl.dot(q_full, s_cols.to(tl.float32), input_precision="ieee")
+                    qc = qc * q_scale
+            else:
+                qc = tl.load(q_row[:, None] + col + kc[None, :], mask=r_ok[:, None],
+                             other=0.0).to(tl.float32) * q_scale
+            q_chunks = q_chunks + (qc.to(tl.float16),)
+
+    acc = ()
+    for b in tl.static_range(V_NB):
+        for i in tl.static_range(V_P):
+            acc = acc + (tl.zeros([BLOCK_M, V_CH], dtype=tl.float32),)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # ---- KV range of this program (causal bound of its last query, then split) --------
+    kv_end = tl.minimum(seq_len, context + (q_block + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, TILE_N)
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        tile_lo = split * per_split
+        tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    vc = tl.arange(0, V_CH)
+    bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
+    if WHILE_LOOP:  # the CPU interpreter (numpy >= 2.4 rejects its 1-element range bounds)
+        tile = tile_lo
+        while tile < tile_hi:
+            acc, m_i, l_i = _kv_tile(
+                tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end,
+                kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE, PAGE_BYTES, G,
+                K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH)
+            tile += 1
+    else:
+        for tile in range(tile_lo, tile_hi):
+            acc, m_i, l_i = _kv_tile(
+                tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end,
+                kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE, PAGE_BYTES, G,
+                K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH)
+
+    # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    if NUM_SPLITS > 1:
+        base = ((r_t * ws_heads + r_head) * ws_splits + split)
+        dst = ws_out_ptr + base * D
+        tl.store(ws_max_ptr + base, m_i, mask=r_ok)
+        tl.store(ws_sum_ptr + base, l_i, mask=r_ok)
+    else:
+        dst = o_ptr + r_t * o_stride_t + r_head * o_stride_h
+    if ROTATE:
+        out = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        for b in tl.static_range(V_NB):
+            for i in tl.static_range(V_P):
+                col = i * V_DP + b * V_CH
+                o_c = (acc[b * V_P + i] / l_safe[:, None]).to(tl.float16)
+                s_rows = tl.load(s_ptr + (col + vc[:, None]) * D + d[None, :])
+                out = tl.dot(o_c, s_rows, acc=out)
+        tl.store(dst[:, None] + d[None, :], (out * out_scale).to(dst.dtype.element_ty),
+                 mask=r_ok[:, None])
+    else:
+        for b in tl.static_range(V_NB):
+            for i in tl.static_range(V_P):
+                col = i * V_DP + b * V_CH
+                o_c = acc[b * V_P + i] / l_safe[:, None]
+                tl.store(dst[:, None] + col + vc[None, :], o_c.to(dst.dtype.element_ty),
+                         mask=r_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_ptr, o_stride_t, o_stride_h, ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits,
+    qsl_ptr, num_seqs,
+    D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+):
+    """out[t, h] = Σ_s w_s·o_s / Σ_s w_s with w_s = sum_s · 2^(max_s - max)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    if t >= tl.load(qsl_ptr + num_seqs):
+        return  # padding row
+    s = tl.arange(0, SPLITS_POW2)
+    s_ok = s < NUM_SPLITS
+    base = (t.to(tl.int64) * ws_heads + h) * ws_splits
+    m = tl.load(ws_max_ptr + base + s, mask=s_ok, other=float("-inf"))
+    l = tl.load(ws_sum_ptr + base + s, mask=s_ok, other=0.0)
+    m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.where(s_ok & (l > 0), l * tl.exp2(m - m_all), 0.0)
+    d = tl.arange(0, D)
+    parts = tl.load(ws_out_ptr + (base + s)[:, None] * D + d[None, :], mask=s_ok[:, None],
+                    other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    dst = o_ptr + t.to(tl.int64) * o_stride_t + h * o_stride_h + d
+    tl.store(dst, out.to(o_ptr.dtype.element_ty))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    layout: PagedLayout, scale: float, output: torch.Tensor, *,
+                    max_query_len: int, max_seq_len: int,
+                    workspace: AttentionWorkspace | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Causal varlen GQA attention of query [T, Hq, D] against the quantized paged cache.
+
+    Matches `vllm_kvplug.quant.paged.attention_reference`; writes `output` [T, Hq, D] in
+    place (rows past query_start_loc[-1] are left untouched) and returns it.
+    `max_query_len`/`max_seq_len` are host-side bounds (only used to pick tile shapes and
+    the split count). Split-K runs for pure decode when `choose_num_splits` says so (or
+    `num_splits` > 1 forces it); its scratch comes from `workspace` (allocated on the fly
+    when None or too small, which is not CUDA-graph safe).
+    """
+    _check_cache(cache, layout)
+    _check_supported(layout)
+    num_tokens, num_heads, d = query.shape
+    kv_heads = layout.num_kv_heads
+    if d != layout.head_size or num_heads % kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} does not fit {kv_heads} KV heads of "
+                         f"size {layout.head_size}")
+    if query.stride(2) != 1 or output.stride(2) != 1 or output.shape != query.shape:
+        raise ValueError("query/output must be [T, Hq, D] with unit last-dimension stride")
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_tokens == 0 or num_seqs <= 0:
+        return output
+    group = num_heads // kv_heads
+    recipe = layout.recipe
+    g = recipe.key.group_size
+
+    splits = num_splits if num_splits is not None else choose_num_splits(
+        num_seqs, kv_heads, max_query_len, max_seq_len, query.device,
+        max_splits=workspace.max_splits if workspace is not None else 16)
+    splits = max(1, int(splits))
+    if max_query_len <= 1:  # measured on an H100: 64-token tiles pay off with split-K only
+        block_m, warps, stages = max(16, _pow2(group)), 4, 3
+        tile_n = 64 if splits > 1 else 32
+    else:
+        block_m = min(64, max(16, _pow2(max_query_len * group)))
+        block_m = max(block_m, _pow2(group))
+        tile_n, warps, stages = 32, 4, 2
+    if _TUNING:  # benchmarking/debugging overrides: {"tile_n": .., "warps": .., "stages": ..}
+        tile_n = _TUNING.get("tile_n", tile_n)
+        warps = _TUNING.get("warps", warps)
+        stages = _TUNING.get("stages", stages)
+        block_m = max(_TUNING.get("block_m", block_m), _pow2(group))
+    block_q = block_m // group
+
+    if splits > 1 and (workspace is None
+                       or not workspace.fits(num_tokens, num_heads, d, splits)):
+        workspace = AttentionWorkspace(num_tokens, num_heads, d, splits, query.device)
+
+    block = recipe.hadamard_block
+    rotate = block is not None and block > 1
+    signs = blockdiag_signs(d, block, query.device, torch.float16)
+    inv_sqrt_b = 1.0 / math.sqrt(block) if rotate else 1.0
+    if splits > 1:
+        ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
+        ws_heads, ws_splits = workspace.num_heads, workspace.max_splits
+    else:
+        ws_out = ws_max = ws_sum = output  # unused
+        ws_heads = ws_splits = 1
+
+    grid = (num_tokens // block_q + num_seqs, kv_heads, splits)
+    compiled = _attention_kernel[grid](
+        query, query.stride(0), query.stride(1), output, output.stride(0), output.stride(1),
+        cache, cache.view(torch.float16), signs,
+        block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
+        ws_out, ws_max, ws_sum, ws_heads, ws_splits,
+        scale * LOG2E * inv_sqrt_b, inv_sqrt_b,
+        D=d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
+        BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, G=g,
+        K_BITS=recipe.key.bits, K_REGION=layout.key.region_bytes,
+        K_CH=min(g, d * recipe.key.bits // 8),
+        V_BASE=layout.value_offset, V_BITS=recipe.value.bits,
+        V_REGION=layout.value.region_bytes, V_CH=min(g, d * recipe.value.bits // 8),
+        ROTATE=rotate, NUM_SPLITS=splits, WHILE_LOOP=_interpreted(),
+        QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
+        num_warps=warps, num_stages=stages,
+    )
+    if _TUNING:
+        _TUNING["_compiled"] = compiled
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            output, output.stride(0), output.stride(1), ws_out, ws_max, ws_sum,
+            ws_heads, ws_splits, query_start_loc, num_seqs,
+            D=d, NUM_SPLITS=splits, SPLITS_POW2=_pow2(splits), num_warps=4,
+        )
+    return output
