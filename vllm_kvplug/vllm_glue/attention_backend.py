@@ -229,7 +229,10 @@ class QuantizedKVImpl(AttentionImpl):
             return output
         from vllm_kvplug.triton_kernels import paged_attention
 
+        # split-K only within the preallocated scratch (never allocate inside a graph)
+        fits = m.workspace is not None and query.shape[0] <= m.workspace.max_tokens
         paged_attention(query, kv_cache, m.block_table, m.seq_lens, m.query_start_loc,
                         layout, self.scale, output, max_query_len=m.max_query_len,
-                        max_seq_len=m.max_seq_len, workspace=m.workspace)
+                        max_seq_len=m.max_seq_len, workspace=m.workspace,
+                        num_splits=None if fits else 1)
         return output
