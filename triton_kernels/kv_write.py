@@ -115,7 +115,7 @@ def _quantize_store_tile(
              mask=tok_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every batch size
 def _write_kv_kernel(
     key_ptr, k_stride_t, k_stride_h, value_ptr, v_stride_t, v_stride_h,
     slot_ptr, num_tokens, h_ptr, inv_sqrt_b, cache_ptr, cache16_ptr,

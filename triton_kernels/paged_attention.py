@@ -194,18 +194,21 @@ def _kv_tile(
     return new_acc, m_i, l_i
 
 
-@triton.jit
+# Batch-dependent integers are not specialized on (value 1, divisibility by 16) and the split
+# count is a runtime argument: one compiled variant serves every batch of a shape class,
+# so serving never JIT-compiles in the middle of a run.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _attention_kernel(
     q_ptr, q_stride_t, q_stride_h, o_ptr, o_stride_t, o_stride_h,
     cache_ptr, cache16_ptr, s_ptr,
     bt_ptr, bt_stride, seq_lens_ptr, qsl_ptr, num_seqs,
-    ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits,
+    ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits, num_splits,
     q_scale, out_scale,
     D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr,
     G: tl.constexpr, K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
-    ROTATE: tl.constexpr, NUM_SPLITS: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT: tl.constexpr, WHILE_LOOP: tl.constexpr,
     QROT_F16: tl.constexpr,
 ):
     K_P: tl.constexpr = 8 // K_BITS
@@ -271,8 +274,8 @@ def _attention_kernel(
     # ---- KV range of this program (causal bound of its last query, then split) --------
     kv_end = tl.minimum(seq_len, context + (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, TILE_N)
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    if SPLIT:
+        per_split = tl.cdiv(num_tiles, num_splits)
         tile_lo = split * per_split
         tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
     else:
@@ -298,7 +301,7 @@ def _attention_kernel(
 
     # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    if NUM_SPLITS > 1:
+    if SPLIT:
         base = ((r_t * ws_heads + r_head) * ws_splits + split)
         dst = ws_out_ptr + base * D
         tl.store(ws_max_ptr + base, m_i, mask=r_ok)
@@ -324,11 +327,11 @@ def _attention_kernel(
                          mask=r_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
     o_ptr, o_stride_t, o_stride_h, ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits,
-    qsl_ptr, num_seqs,
-    D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    qsl_ptr, num_seqs, num_splits,
+    D: tl.constexpr, SPLITS_POW2: tl.constexpr,
 ):
     """out[t, h] = Σ_s w_s·o_s / Σ_s w_s with w_s = sum_s · 2^(max_s - max)."""
     t = tl.program_id(0)
@@ -336,7 +339,7 @@ def _merge_splits_kernel(
     if t >= tl.load(qsl_ptr + num_seqs):
         return  # padding row
     s = tl.arange(0, SPLITS_POW2)
-    s_ok = s < NUM_SPLITS
+    s_ok = s < num_splits
     base = (t.to(tl.int64) * ws_heads + h) * ws_splits
     m = tl.load(ws_max_ptr + base + s, mask=s_ok, other=float("-inf"))
     l = tl.load(ws_sum_ptr + base + s, mask=s_ok, other=0.0)
@@ -425,7 +428,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         query, query.stride(0), query.stride(1), output, output.stride(0), output.stride(1),
         cache, cache.view(torch.float16), signs,
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
-        ws_out, ws_max, ws_sum, ws_heads, ws_splits,
+        ws_out, ws_max, ws_sum, ws_heads, ws_splits, splits,
         scale * LOG2E * inv_sqrt_b, inv_sqrt_b,
         D=d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, G=g,
@@ -433,7 +436,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         K_CH=min(g, d * recipe.key.bits // 8),
         V_BASE=layout.value_offset, V_BITS=recipe.value.bits,
         V_REGION=layout.value.region_bytes, V_CH=min(g, d * recipe.value.bits // 8),
-        ROTATE=rotate, NUM_SPLITS=splits, WHILE_LOOP=_interpreted(),
+        ROTATE=rotate, SPLIT=splits > 1, WHILE_LOOP=_interpreted(),
         QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
         num_warps=warps, num_stages=stages,
     )
@@ -442,7 +445,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             output, output.stride(0), output.stride(1), ws_out, ws_max, ws_sum,
-            ws_heads, ws_splits, query_start_loc, num_seqs,
-            D=d, NUM_SPLITS=splits, SPLITS_POW2=_pow2(splits), num_warps=4,
+            ws_heads, ws_splits, query_start_loc, num_seqs, splits,
+            D=d, SPLITS_POW2=_pow2(ws_splits), num_warps=4,
         )
     return output
