@@ -60,6 +60,8 @@ from quality import (  # noqa: E402
     DEFAULT_NEEDLE,
     DEFAULT_QUESTION,
     PromptBuilder,
+    grouped_accuracy,
+    passkey_accuracy,
 )
 
 from vllm_kvplug.eviction import (  # noqa: E402
@@ -349,17 +351,6 @@ def run_ppl(model, windows, configs, compressor, ns) -> dict:
             "ppl": {label: math.exp(sum(v) / (n * len(v))) for label, v in nll.items()}}
 
 
-def grouped(trials: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
-    groups: dict[str, list[dict]] = {}
-    for t in trials:
-        groups.setdefault("/".join(str(t[k]) for k in keys), []).append(t)
-    return {name: accuracy(ts) for name, ts in groups.items()}
-
-
-def accuracy(trials: list[dict]) -> float:
-    return round(sum(t["correct"] for t in trials) / len(trials), 4) if trials else 0.0
-
-
 def build_tables(configs, results, lengths, depths) -> str:
     base_ppl = results["full"].get("perplexity", {}).get("ppl")
     header = (["config", "kept %", "ppl", "ppl vs full", "passkey"]
@@ -495,9 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         r = {"section": config.section, "kept": compressor.summary(config.label)}
         if cases:
             ts = trials[config.label]
-            r["passkey"] = {"accuracy": accuracy(ts),
-                            "by_length": grouped(ts, ("length",)),
-                            "by_length_depth": grouped(ts, ("length", "depth")),
+            r["passkey"] = {"accuracy": passkey_accuracy(ts),
+                            "by_length": grouped_accuracy(ts, ("length",)),
+                            "by_length_depth": grouped_accuracy(ts, ("length", "depth")),
                             "trials": ts}
         if ppl:
             value = ppl["ppl"][config.label]

@@ -250,18 +250,20 @@ def passkey(llm, cases: list[dict], answer_tokens: int) -> dict:
         trials.append({k: case[k] for k in ("length", "depth", "trial", "key",
                                              "needle_depth")}
                       | {"correct": case["key"] in answer, "answer": answer})
-    return {"accuracy": _accuracy(trials), "by_length": _grouped(trials, ("length",)),
-            "by_length_depth": _grouped(trials, ("length", "depth")), "trials": trials}
+    return {"accuracy": passkey_accuracy(trials),
+            "by_length": grouped_accuracy(trials, ("length",)),
+            "by_length_depth": grouped_accuracy(trials, ("length", "depth")), "trials": trials}
 
 
-def _grouped(trials: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+def grouped_accuracy(trials: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    """Passkey accuracy grouped by the values of `keys` (e.g. "1024/0.5" -> 0.67)."""
     groups: dict[str, list[dict]] = {}
     for t in trials:
         groups.setdefault("/".join(str(t[k]) for k in keys), []).append(t)
-    return {name: _accuracy(ts) for name, ts in groups.items()}
+    return {name: passkey_accuracy(ts) for name, ts in groups.items()}
 
 
-def _accuracy(trials: list[dict]) -> float:
+def passkey_accuracy(trials: list[dict]) -> float:
     return round(sum(t["correct"] for t in trials) / len(trials), 4) if trials else 0.0
 
 
