@@ -123,6 +123,14 @@ def _codes_to_float(codes):
 
 
 @triton.jit
+def _group_meta(cache16_ptr, meta, grp, n_ok, MINIMA_OFFSET: tl.constexpr):
+    """fp32 (step, minimum) of quantization group `grp` for each token of a tile."""
+    step = tl.load(cache16_ptr + meta + grp, mask=n_ok, other=0.0)
+    lo = tl.load(cache16_ptr + meta + MINIMA_OFFSET + grp, mask=n_ok, other=0.0)
+    return step.to(tl.float32), lo.to(tl.float32)
+
+
+@triton.jit
 def _kv_tile(
     tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end, kv_head,
     r_ok, r_pos,
@@ -159,12 +167,10 @@ def _kv_tile(
     for b in tl.static_range(K_NB):
         kbytes = tl.load(k_codes + b * K_CH, mask=n_ok[None, :], other=0).to(tl.int32)
         for i in tl.static_range(K_P):
-            grp = (i * K_DP + b * K_CH) // G
-            step = tl.load(cache16_ptr + k_meta + grp, mask=n_ok, other=0.0)
-            lo = tl.load(cache16_ptr + k_meta + BLOCK_SIZE * NG + grp, mask=n_ok,
-                         other=0.0)
+            step, lo = _group_meta(cache16_ptr, k_meta, (i * K_DP + b * K_CH) // G, n_ok,
+                                   BLOCK_SIZE * NG)
             codes = _codes_to_float((kbytes >> (i * K_BITS)) & K_MASK)
-            k_t = codes * step.to(tl.float32)[None, :] + lo.to(tl.float32)[None, :]
+            k_t = codes * step[None, :] + lo[None, :]
             scores = tl.dot(q_chunks[b * K_P + i], k_t.to(tl.float16), acc=scores)
 
     allowed = (r_ok[:, None] & n_ok[None, :]) & (n[None, :] <= r_pos[:, None])
@@ -183,12 +189,10 @@ def _kv_tile(
     for b in tl.static_range(V_NB):
         vbytes = tl.load(v_codes + b * V_CH, mask=n_ok[:, None], other=0).to(tl.int32)
         for i in tl.static_range(V_P):
-            grp = (i * V_DP + b * V_CH) // G
-            step = tl.load(cache16_ptr + v_meta + grp, mask=n_ok, other=0.0)
-            lo = tl.load(cache16_ptr + v_meta + BLOCK_SIZE * NG + grp, mask=n_ok,
-                         other=0.0)
+            step, lo = _group_meta(cache16_ptr, v_meta, (i * V_DP + b * V_CH) // G, n_ok,
+                                   BLOCK_SIZE * NG)
             codes = _codes_to_float((vbytes >> (i * V_BITS)) & V_MASK)
-            v = codes * step.to(tl.float32)[:, None] + lo.to(tl.float32)[:, None]
+            v = codes * step[:, None] + lo[:, None]
             new_acc = new_acc + (tl.dot(p16, v.to(tl.float16),
                                         acc=acc[b * V_P + i] * alpha[:, None]),)
     return new_acc, m_i, l_i
