@@ -46,6 +46,10 @@ class Variant:
     quantize_v: bool = True
     # K per channel in groups of this many tokens (KIVI style) instead of token-wise.
     key_channel_tokens: int = 0
+    # Subtract from K, per (layer, head), the channel means of its first N tokens before
+    # quantizing (attention is invariant to one constant offset of all keys, so a kernel
+    # would not add it back); 0: off.
+    key_mean_tokens: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -56,19 +60,22 @@ class Variant:
             bits = {"int4": 4, "int2": 2}[parts[0]]
             group = int(parts[1].removeprefix("g"))
             block = None if parts[2] == "none" else int(parts[2].removeprefix("h"))
-            sinks, k, v, kc = 0, True, True, 0
+            sinks, k, v, kc, km = 0, True, True, 0, 0
             for option in parts[3:]:
                 if option in ("only-k", "only-v"):
                     k, v = option == "only-k", option == "only-v"
                 elif option.startswith("kc"):
                     kc = int(option.removeprefix("kc"))
+                elif option.startswith("kmean"):
+                    km = int(option.removeprefix("kmean"))
                 else:
                     sinks = int(option.removeprefix("s"))
         except (KeyError, IndexError, ValueError):
             raise argparse.ArgumentTypeError(
-                f"recipe {text!r} is not int4|int2/g<G>/h<B>|none[/s<N>][/only-k|only-v][/kc<T>]"
+                f"recipe {text!r} is not "
+                "int4|int2/g<G>/h<B>|none[/s<N>][/only-k|only-v][/kc<T>][/kmean<N>]"
             ) from None
-        return cls(text, QuantRecipe(bits, group, block), sinks, k, v, kc)
+        return cls(text, QuantRecipe(bits, group, block), sinks, k, v, kc, km)
 
 
 _ACTIVE: list[Variant | None] = [None]
@@ -81,6 +88,10 @@ def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
     variant = _ACTIVE[0]
     if variant is not None and variant.recipe is not None:
         s = variant.sink_tokens
+        offset = 0.0
+        if variant.key_mean_tokens:
+            offset = key[..., :variant.key_mean_tokens, :].float().mean(-2, keepdim=True)
+            key = (key.float() - offset).to(key.dtype)
         if not variant.quantize_k:
             k_q = key.clone()
         elif variant.key_channel_tokens:
@@ -92,7 +103,7 @@ def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
         if s:
             k_q[..., :s, :] = key[..., :s, :]
             v_q[..., :s, :] = value[..., :s, :]
-        key, value = k_q, v_q
+        key, value = (k_q.float() + offset).to(k_q.dtype), v_q
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -71,8 +71,29 @@ def test_ablation_recipe_syntax():
     assert (v.sink_tokens, v.quantize_k, v.quantize_v) == (4, False, True)
     assert Variant.parse("int4/g64/none").recipe == QuantRecipe(4, 64, None)
     assert Variant.parse("baseline").recipe is None
+    assert Variant.parse("int4/g64/h64/kmean64").key_mean_tokens == 64
     with pytest.raises(Exception, match="is not int4"):
         Variant.parse("int3/g32/h32")
+
+
+def test_attention_is_invariant_to_a_shared_key_offset():
+    """The premise of `kmean`: removing one offset from all keys leaves attention as is."""
+    import torch
+    from kv_quant_ablation import _ACTIVE, Variant, fake_quant_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    q, k, v = (torch.randn(1, 2, 12, 64) for _ in range(3))
+    k = k + 5.0  # a large shared offset, as in models with k_proj biases
+    try:
+        _ACTIVE[0] = Variant.parse("int4/g64/h64/only-v/kmean4")
+        centred = fake_quant_attention(module, q, k, v, None)[0]
+        _ACTIVE[0] = Variant.parse("int4/g64/h64/only-v")
+        plain = fake_quant_attention(module, q, k, v, None)[0]
+    finally:
+        _ACTIVE[0] = None
+    torch.testing.assert_close(centred, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_fake_quant_attention_changes_only_what_it_should():
