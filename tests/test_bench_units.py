@@ -72,6 +72,7 @@ def test_ablation_recipe_syntax():
     assert Variant.parse("int4/g64/none").recipe == QuantRecipe(4, 64, None)
     assert Variant.parse("baseline").recipe is None
     assert Variant.parse("int4/g64/h64/kmean64").key_mean_tokens == 64
+    assert Variant.parse("int4/g32/h64/kcal").key_calibrated
     with pytest.raises(Exception, match="is not int4"):
         Variant.parse("int3/g32/h32")
 
