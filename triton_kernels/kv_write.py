@@ -32,15 +32,11 @@ from vllm_kvplug.quant.reference import hadamard_matrix
 @functools.lru_cache(maxsize=32)
 def _blockdiag(head_size: int, block: int | None, device: str, signs: bool,
                dtype: torch.dtype) -> torch.Tensor:
-    out = torch.zeros(head_size, head_size, dtype=torch.float64)
     if block is None:
         out = torch.eye(head_size, dtype=torch.float64)
     else:
         h = hadamard_matrix(block, torch.float64)
-        if signs:
-            h = torch.sign(h)
-        for b in range(head_size // block):
-            out[b * block:(b + 1) * block, b * block:(b + 1) * block] = h
+        out = torch.block_diag(*[torch.sign(h) if signs else h] * (head_size // block))
     return out.to(dtype=dtype, device=device).contiguous()
 
 
@@ -148,9 +144,7 @@ def _interpreted() -> bool:
 
 
 def _check_cache(cache: torch.Tensor, layout: PagedLayout) -> None:
-    if cache.dtype != torch.uint8 or cache.dim() != 2 or cache.shape[1] != layout.page_bytes:
-        raise ValueError(f"expected a uint8 cache [num_blocks, {layout.page_bytes}], "
-                         f"got {cache.dtype} {tuple(cache.shape)}")
+    layout.check_cache(cache)
     if cache.stride(1) != 1 or cache.stride(0) != layout.page_bytes \
             or cache.storage_offset() % 2:
         raise ValueError("the cache must be a contiguous uint8 tensor at an even offset")

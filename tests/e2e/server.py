@@ -20,6 +20,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def answer(reply: dict) -> str:
+    """The assistant text of a chat-completion reply (fails with the reply if absent)."""
+    assert "choices" in reply, reply
+    return reply["choices"][0]["message"]["content"]
+
+
 def cpu_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.e2e.server import Server
+from tests.e2e.server import Server, answer
 
 pytestmark = pytest.mark.e2e
 
@@ -30,11 +30,6 @@ def int4_server(smollm2_path, tmp_path_factory):
                                    "--enable-prefix-caching"], log)
     yield server
     server.stop()
-
-
-def content(reply: dict) -> str:
-    assert "choices" in reply, reply
-    return reply["choices"][0]["message"]["content"]
 
 
 def test_serves_from_quantized_pages(int4_server):
@@ -61,10 +56,10 @@ def test_allocator_gives_the_capacity_of_the_format(int4_server):
 def test_chat_answers_and_prefix_cache_hits_answer_the_same(int4_server):
     story = " ".join(f"Line {i}: the river keeps flowing past the old mill." for i in range(60))
     question = story + "\nWhat keeps flowing past the old mill?"
-    first = content(int4_server.chat(question, max_tokens=16))
+    first = answer(int4_server.chat(question, max_tokens=16))
     assert first.strip(), "empty answer"
     before = _prefix_hits(int4_server.metrics())
-    second = content(int4_server.chat(question, max_tokens=16))
+    second = answer(int4_server.chat(question, max_tokens=16))
     assert _prefix_hits(int4_server.metrics()) > before  # served from cached INT4 pages
     assert second == first
     assert "river" in first.lower() or "water" in first.lower(), first

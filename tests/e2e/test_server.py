@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.server import Server, cpu_env, free_port, server_command
+from tests.e2e.server import Server, answer, cpu_env, free_port, server_command
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +27,6 @@ def server_without_flag(smollm2_path, tmp_path_factory, server_with_profile):
     server = Server(smollm2_path, [], log)
     yield server
     server.stop()
-
-
-def answer(reply: dict) -> str:
-    assert "choices" in reply, reply
-    return reply["choices"][0]["message"]["content"]
 
 
 def test_chat_completion_is_sensible(server_with_profile):

@@ -1,7 +1,7 @@
 """Quantized KV format: the recipe (from a profile) and its PyTorch reference.
 
-The reference is the specification the Triton/CUDA kernels are tested against; it is not
-yet wired into vLLM (no attention backend in this release).
+The reference is the specification the Triton kernels (`vllm_kvplug.triton_kernels`) are
+tested against, and the CPU path of the attention backend; `paged.py` adds the page layout.
 """
 
 from vllm_kvplug.quant.recipe import QuantRecipe

@@ -86,13 +86,17 @@ class PagedLayout:
     def page_bytes(self) -> int:
         return self.value_offset + self.num_kv_heads * self.value.region_bytes
 
+    def check_cache(self, cache: torch.Tensor) -> None:
+        """Raise a ValueError unless `cache` is this layout's uint8 [num_blocks, page_bytes]."""
+        if cache.dtype != torch.uint8 or cache.dim() != 2 or cache.shape[1] != self.page_bytes:
+            raise ValueError(f"expected a uint8 cache [num_blocks, {self.page_bytes}], "
+                             f"got {cache.dtype} {tuple(cache.shape)}")
+
     def views(self, cache: torch.Tensor, which: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes [B, H, bs, C] u8, steps [B, H, bs, G] f16, minima [B, H, bs, G] f16) views
         of K ("key") or V ("value") inside `cache` ([num_blocks, page_bytes] uint8)."""
-        if cache.dtype != torch.uint8 or cache.dim() != 2 or cache.shape[1] != self.page_bytes:
-            raise ValueError(f"expected a uint8 cache [num_blocks, {self.page_bytes}], "
-                             f"got {cache.dtype} {tuple(cache.shape)}")
+        self.check_cache(cache)
         region = self.key if which == "key" else self.value
         base = 0 if which == "key" else self.value_offset
         nb, page, rb, bs = cache.shape[0], self.page_bytes, region.region_bytes, self.block_size
@@ -152,7 +156,7 @@ def attention_reference(query: torch.Tensor, cache: torch.Tensor, block_table: t
     h // (Hq // H). Attention runs in the rotated space and the output is rotated back.
     Returns [T, Hq, D] in query's dtype.
     """
-    num_heads, group = query.shape[1], query.shape[1] // layout.num_kv_heads
+    group = query.shape[1] // layout.num_kv_heads
     block = layout.recipe.hadamard_block
     out = torch.zeros_like(query)
     qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -172,5 +176,4 @@ def attention_reference(query: torch.Tensor, cache: torch.Tensor, block_table: t
         scores.masked_fill_(mask[None], float("-inf"))
         o = torch.einsum("hqs,shd->qhd", torch.softmax(scores, -1), v)
         out[start:end] = block_hadamard(o, block).to(query.dtype)
-    assert out.shape[1] == num_heads
     return out

@@ -10,8 +10,6 @@ quantized KV (slowly; it is the correctness path).
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,11 +24,10 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
-from vllm_kvplug.profiles import ResolvedProfile
 from vllm_kvplug.quant.paged import PagedLayout, attention_reference, write_reference
 from vllm_kvplug.quant.recipe import KVRecipe
+from vllm_kvplug.vllm_glue.engine_args import resolve_from_additional_config
 
-CONFIG_KEY = "kv_compression"
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 # Decode batches up to this many sequences may use split-K (flash-decoding) scratch.
 MAX_SPLIT_DECODE_SEQS = 128
@@ -42,19 +39,12 @@ _active_recipe: KVRecipe | None = None
 def recipe_from_config(vllm_config) -> KVRecipe:
     """The KV recipe of the profile carried in `additional_config` (one per engine)."""
     global _active_recipe
-    entry = (vllm_config.additional_config or {}).get(CONFIG_KEY)
-    if entry is None:
+    resolved = resolve_from_additional_config(vllm_config.additional_config)
+    if resolved is None:
         raise RuntimeError("the vllm-kvplug attention backend is selected but no "
                            "kv_compression profile is configured")
-    recipe = _recipe_from_entry(json.dumps(entry, sort_keys=True))
-    _active_recipe = recipe
-    return recipe
-
-
-@functools.lru_cache(maxsize=8)
-def _recipe_from_entry(entry_json: str) -> KVRecipe:
-    resolved = ResolvedProfile.from_config(json.loads(entry_json))
-    return KVRecipe.from_section(resolved.profile.quantization)
+    _active_recipe = KVRecipe.from_section(resolved.profile.quantization)
+    return _active_recipe
 
 
 def layout_for(vllm_config, num_kv_heads: int, head_size: int, block_size: int
