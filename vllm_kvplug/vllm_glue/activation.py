@@ -45,9 +45,11 @@ def select_backend(engine_args, resolved: ResolvedProfile) -> None:
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    from vllm_kvplug.vllm_glue.attention_backend import QuantizedKVBackend
+
     where = f"profile {resolved.source} quantizes the KV cache"
     dtype = str(engine_args.kv_cache_dtype)
-    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+    if dtype not in QuantizedKVBackend.supported_kv_cache_dtypes:
         raise ProfileError(f"{where}; it cannot be combined with --kv-cache-dtype {dtype}. "
                            "Drop --kv-cache-dtype (or use a profile without quantization).")
     chosen = engine_args.attention_backend or engine_args.attention_config.backend
