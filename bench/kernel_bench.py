@@ -143,11 +143,59 @@ def bf16_decode_baseline(batch, seq_len, hq, h, d, device, smoke):
     return timed(fn, device, smoke), 2 * k.numel() * 2
 
 
+# Inner-loop variants of the attention kernel (overrides of paged_attention._TUNING).
+VARIANTS = {
+    "default": {},  # what the launcher picks
+    # the previous release: steps on every element, per-group metadata gathers, and for
+    # prefill the Q rotation inside the kernel (fp32 dot, spills at BLOCK_M = 64)
+    "release-0": {"after_dot": False, "meta_rows": False, "rotate_q_in_kernel": True},
+    # launch-shape alternatives for the default inner loop (decode tiles / warps)
+    "tile32": {"tile_n": 32},
+    "tile64": {"tile_n": 64},
+    "warps8": {"warps": 8},
+}
+
+
+def with_variant(tk, variant: str, fn):
+    """Run fn() with the named variant's launch overrides, restoring the launcher after."""
+    # the module (the package attribute of the same name is the function)
+    pa = sys.modules["vllm_kvplug.triton_kernels.paged_attention"]
+    saved = dict(pa._TUNING)
+    pa._TUNING.clear()
+    pa._TUNING.update(VARIANTS[variant])
+    try:
+        return fn()
+    finally:
+        pa._TUNING.clear()
+        pa._TUNING.update(saved)
+
+
+def bf16_prefill_baseline(q_len, seq_len, hq, d, device, smoke):
+    """Seconds of bf16 SDPA (FlashAttention on a GPU) for q_len new tokens after
+    seq_len - q_len cached ones (bottom-right causal mask as an explicit bias only when
+    there is cached context; with none it is `is_causal`)."""
+    q = torch.randn(1, hq, q_len, d, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, hq, seq_len, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    if q_len == seq_len:
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, is_causal=True)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(q_len, seq_len)
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, attn_mask=mask)
+    return timed(fn, device, smoke)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "kernel_bench.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter ok)")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                    help="inner-loop variants to time side by side (correctness: each)")
+    ap.add_argument("--profiles", nargs="+", choices=list(PROFILES), default=None)
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +217,8 @@ def main(argv=None) -> int:
         decode_shapes = [(8, 8192), (64, 2048), (32, 4096), (1, 32768)]
         write_tokens = 4096
         profiles = list(PROFILES)
+    if args.profiles:
+        profiles = args.profiles
 
     result = {"device": name, "peak_bytes_per_s": peak, "smoke": args.smoke,
               "shape": {"q_heads": hq, "kv_heads": h, "head_size": d, "block_size": bs},
@@ -180,18 +230,16 @@ def main(argv=None) -> int:
             layout = make_layout(profile, h, d, bs)
             for case, seq_lens, q_lens in correctness_cases:
                 s = Setup(tk, layout, hq, seq_lens, q_lens, device)
-                got = s.run(tk).float().cpu()
                 want = s.reference().float()
-                err = (got - want).abs()
-                ok = bool(err.max() < 3e-2 and err.mean() < 2e-3)
-                result["correctness"].append({"profile": profile, "case": case,
-                                              "max_abs_err": err.max().item(),
-                                              "mean_abs_err": err.mean().item(), "ok": ok})
+                runs = [(v, None) for v in args.variants]
                 if s.max_query_len == 1:  # the split path, forced, against the same reference
-                    got = s.run(tk, num_splits=4).float().cpu()
-                    err = (got - want).abs()
+                    runs += [(v, 4) for v in args.variants]
+                for variant, forced in runs:
+                    got = with_variant(tk, variant, lambda: s.run(tk, num_splits=forced))
+                    err = (got.float().cpu() - want).abs()
                     result["correctness"].append({
-                        "profile": profile, "case": case + " split4",
+                        "profile": profile, "variant": variant,
+                        "case": case + (f" split{forced}" if forced else ""),
                         "max_abs_err": err.max().item(), "mean_abs_err": err.mean().item(),
                         "ok": bool(err.max() < 3e-2 and err.mean() < 2e-3)})
                 del s, got, want, err
@@ -205,30 +253,40 @@ def main(argv=None) -> int:
             s = Setup(tk, layout, hq, [ctx] * batch, [1] * batch, device)
             splits = tk.choose_num_splits(batch, h, 1, ctx, device)
             ws = tk.AttentionWorkspace(batch, hq, d, max(splits, 1), device)
-            sec = timed(lambda: s.run(tk, workspace=ws), device, args.smoke)
             nbytes = s.pages_read * layout.page_bytes
             base_sec, base_bytes = bf16_decode_baseline(batch, ctx, hq, h, d, device, args.smoke)
-            row = {"profile": profile, "batch": batch, "context": ctx, "splits": splits,
-                   "time_us": sec * 1e6, "kv_bytes": nbytes, "gbytes_per_s": nbytes / sec / 1e9,
-                   "frac_of_peak": nbytes / sec / peak if peak else None,
-                   "bf16_sdpa_time_us": base_sec * 1e6,
-                   "bf16_gbytes_per_s": base_bytes / base_sec / 1e9,
-                   "speedup_vs_bf16": base_sec / sec}
-            result["decode"].append(row)
+            for variant in args.variants:
+                sec = with_variant(tk, variant, lambda: timed(
+                    lambda: s.run(tk, workspace=ws), device, args.smoke))
+                result["decode"].append({
+                    "profile": profile, "variant": variant, "batch": batch, "context": ctx,
+                    "splits": splits, "time_us": sec * 1e6, "kv_bytes": nbytes,
+                    "gbytes_per_s": nbytes / sec / 1e9,
+                    "frac_of_peak": nbytes / sec / peak if peak else None,
+                    "bf16_sdpa_time_us": base_sec * 1e6,
+                    "bf16_gbytes_per_s": base_bytes / base_sec / 1e9,
+                    "speedup_vs_bf16": base_sec / sec})
             del s, ws
 
     # prefill chunk time (no baseline of the same causal shape in SDPA: report TFLOP/s)
-    pre_seq, pre_q = ([24], [8]) if args.smoke else ([4096], [2048])
-    for profile in profiles:
-        layout = make_layout(profile, h, d, bs)
-        s = Setup(tk, layout, hq, pre_seq, pre_q, device)
-        sec = timed(lambda: s.run(tk), device, args.smoke)
-        ctx = pre_seq[0] - pre_q[0]
-        pairs = pre_q[0] * ctx + pre_q[0] * (pre_q[0] + 1) / 2  # causal (query, key) pairs
+    # (sequence length, new tokens) per sequence, sequences per chunk
+    prefill_cases = [(24, 8, 1)] if args.smoke else [(4096, 2048, 1), (2048, 2048, 4)]
+    for seq_len, q_len, nseq in prefill_cases:
+        pairs = nseq * (q_len * (seq_len - q_len) + q_len * (q_len + 1) / 2)  # causal pairs
         flops = 4 * pairs * hq * d
-        result["prefill"].append({"profile": profile, "q_len": pre_q[0], "seq_len": pre_seq[0],
-                                  "time_us": sec * 1e6, "tflops": flops / sec / 1e12})
-        del s
+        base = nseq * bf16_prefill_baseline(q_len, seq_len, hq, d, device, args.smoke)
+        for profile in profiles:
+            layout = make_layout(profile, h, d, bs)
+            s = Setup(tk, layout, hq, [seq_len] * nseq, [q_len] * nseq, device)
+            for variant in args.variants:
+                sec = with_variant(tk, variant, lambda: timed(lambda: s.run(tk), device,
+                                                                args.smoke))
+                result["prefill"].append({
+                    "profile": profile, "variant": variant, "seqs": nseq, "q_len": q_len,
+                    "seq_len": seq_len, "time_us": sec * 1e6, "tflops": flops / sec / 1e12,
+                    "bf16_sdpa_time_us": base * 1e6, "bf16_tflops": flops / base / 1e12,
+                    "speedup_vs_bf16": base / sec})
+            del s
 
     # 3. cache write
     for profile in profiles:
@@ -272,22 +330,27 @@ def print_tables(result: dict) -> None:
           + (f" (peak {result['peak_bytes_per_s'] / 1e12:.2f} TB/s)"
              if result["peak_bytes_per_s"] else ""))
     if result["correctness"]:
-        print("\n| profile | case | max abs err | mean abs err | ok |\n|---|---|---|---|---|")
+        print("\n| profile | variant | case | max abs err | mean abs err | ok |\n"
+              "|---|---|---|---|---|---|")
         for c in result["correctness"]:
-            print(f"| {c['profile']} | {c['case']} | {c['max_abs_err']:.2e} | "
+            print(f"| {c['profile']} | {c['variant']} | {c['case']} | {c['max_abs_err']:.2e} | "
                   f"{c['mean_abs_err']:.2e} | {c['ok']} |")
-    print("\n| profile | batch x context | splits | time us | GB/s | % peak | bf16 SDPA us "
-          "| bf16 GB/s | speedup |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| profile | variant | batch x context | splits | time us | GB/s | % peak "
+          "| bf16 SDPA us | bf16 GB/s | speedup |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in result["decode"]:
         pct = fmt(r["frac_of_peak"] * 100 if r["frac_of_peak"] else None, 0)
-        print(f"| {r['profile']} | {r['batch']} x {r['context']} | {r['splits']} | "
+        print(f"| {r['profile']} | {r['variant']} | {r['batch']} x {r['context']} | "
+              f"{r['splits']} | "
               f"{fmt(r['time_us'])} | {fmt(r['gbytes_per_s'], 0)} | {pct} | "
               f"{fmt(r['bf16_sdpa_time_us'])} | {fmt(r['bf16_gbytes_per_s'], 0)} | "
               f"{fmt(r['speedup_vs_bf16'], 2)} |")
-    print("\n| profile | prefill q_len / seq_len | time us | TFLOP/s |\n|---|---|---|---|")
+    print("\n| profile | variant | prefill seqs x (new / length) | time us | TFLOP/s "
+          "| bf16 SDPA us | bf16 TFLOP/s | speedup |\n|---|---|---|---|---|---|---|---|")
     for r in result["prefill"]:
-        print(f"| {r['profile']} | {r['q_len']} / {r['seq_len']} | {fmt(r['time_us'])} | "
-              f"{fmt(r['tflops'], 1)} |")
+        print(f"| {r['profile']} | {r['variant']} | {r['seqs']} x ({r['q_len']} / "
+              f"{r['seq_len']}) | {fmt(r['time_us'])} | {fmt(r['tflops'], 1)} | "
+              f"{fmt(r['bf16_sdpa_time_us'])} | {fmt(r['bf16_tflops'], 1)} | "
+              f"{fmt(r['speedup_vs_bf16'], 2)} |")
     print("\n| profile | write tokens x heads | time us | ns/token | bf16 index_copy us "
           "| ratio |\n|---|---|---|---|---|---|")
     for r in result["write"]:

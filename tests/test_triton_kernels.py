@@ -197,6 +197,26 @@ def test_paged_attention_matches_reference(name):
     check(batch, layout, run_kernel(batch, layout, num_splits=splits), tol=1e-2)
 
 
+@pytest.mark.parametrize("variant", [
+    {"after_dot": False, "meta_rows": False},   # the previous release's inner loop
+    {"after_dot": True, "meta_rows": False},
+    {"after_dot": False, "meta_rows": True},
+    {"after_dot": True, "meta_rows": True, "rotate_q_in_kernel": True, "qrot_f16": False},
+])
+@pytest.mark.parametrize("name", ["decode_split_k8v4_gqa1_bs32", "chunked_prefill_k2v2_d128",
+                                  "mixed_k8v4_g128_gqa4"])
+def test_inner_loop_variants_match_reference(name, variant, monkeypatch):
+    """Every inner-loop variant the launcher can pick (steps applied after the dot or on the
+    elements, metadata as rows or per group, Q rotated in the prologue or before the
+    launch) computes the same attention."""
+    monkeypatch.setattr(sys.modules["vllm_kvplug.triton_kernels.paged_attention"], "_TUNING",
+                        dict(variant))
+    kb, vb, g, hb, h, hq, d, bs, seq_lens, q_lens, splits = CASES[name]
+    layout = layout_of(kb, vb, g, hb, h, d, bs)
+    batch = make_batch(layout, seq_lens, q_lens, hq)
+    check(batch, layout, run_kernel(batch, layout, num_splits=splits), tol=1e-2)
+
+
 def test_split_k_with_a_reused_workspace_and_bf16():
     layout = layout_of(4, 4, 32, 32, 2, 64, 16)
     ws = tk.AttentionWorkspace(8, 8, 64, 4, DEVICE)

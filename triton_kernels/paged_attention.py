@@ -42,7 +42,8 @@ import triton.language as tl
 
 from vllm_kvplug.quant.paged import PagedLayout
 
-from .kv_write import _check_cache, _check_supported, _interpreted, blockdiag_signs
+from .kv_write import (_check_cache, _check_supported, _interpreted, blockdiag_hadamard,
+                       blockdiag_signs)
 
 LOG2E = 1.4426950408889634
 _TUNING: dict = {}  # launch-parameter overrides for kernel_bench.py (empty in production)
@@ -123,6 +124,13 @@ def _codes_to_float(codes):
 
 
 @triton.jit
+def _codes_to_half(codes):
+    """Small non-negative int32 codes (< 1024) to exact fp16 without an int-to-float
+    conversion: the bits 0x6400 | c are the half 1024 + c, one OR and one half subtraction."""
+    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
 def _group_meta(cache16_ptr, meta, grp, n_ok, MINIMA_OFFSET: tl.constexpr):
     """fp32 (step, minimum) of quantization group `grp` for each token of a tile."""
     step = tl.load(cache16_ptr + meta + grp, mask=n_ok, other=0.0)
@@ -131,15 +139,44 @@ def _group_meta(cache16_ptr, meta, grp, n_ok, MINIMA_OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _meta_rows(cache16_ptr, meta, n_ok, NG: tl.constexpr, MINIMA_OFFSET: tl.constexpr):
+    """All NG (steps, minima) of each token of a tile as [TILE_N, NG] fp32 tiles.
+
+    One contiguous NG·2-byte row per token (not one 2-byte gather per group), which the
+    software pipeliner can prefetch asynchronously with the codes (cp.async needs >= 4 B).
+    """
+    cols = tl.arange(0, NG)
+    ptr = cache16_ptr + meta[:, None] + cols[None, :]
+    steps = tl.load(ptr, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    minima = tl.load(ptr + MINIMA_OFFSET, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    return steps, minima
+
+
+@triton.jit
+def _column(rows, j, NG: tl.constexpr):
+    """Column j of a [TILE_N, NG] tile (a register-local select when a thread holds rows)."""
+    if NG == 1:
+        return tl.sum(rows, axis=1)
+    cols = tl.arange(0, NG)
+    return tl.sum(tl.where(cols[None, :] == j, rows, 0.0), axis=1)
+
+
+@triton.jit
 def _kv_tile(
-    tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end, kv_head,
+    tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row, kv_end, kv_head,
     r_ok, r_pos,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
+    AFTER_DOT: tl.constexpr, META_ROWS: tl.constexpr,
 ):
-    """One TILE_N-token step of the online softmax: returns the new (acc, m_i, l_i)."""
+    """One TILE_N-token step of the online softmax: returns the new (acc, m_i, l_i).
+
+    AFTER_DOT: the tensor cores see the integer codes (exact in fp16) and the per-token
+    step and minimum are applied to the dot products instead of to every element:
+    q·k = step·(q·c) + min·Σq for K, p·v = (p·step)·c + Σ p·min for V.
+    """
     NG: tl.constexpr = D // G
     K_P: tl.constexpr = 8 // K_BITS
     K_DP: tl.constexpr = D * K_BITS // 8
@@ -164,14 +201,25 @@ def _kv_tile(
     # scores = Σ_chunks q_chunk · dequant(k_chunk)ᵀ
     scores = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     k_codes = cache_ptr + k_region[None, :] + slot[None, :] * K_DP + kc[:, None]
+    if META_ROWS:
+        k_steps, k_minima = _meta_rows(cache16_ptr, k_meta, n_ok, NG, BLOCK_SIZE * NG)
     for b in tl.static_range(K_NB):
         kbytes = tl.load(k_codes + b * K_CH, mask=n_ok[None, :], other=0).to(tl.int32)
         for i in tl.static_range(K_P):
-            step, lo = _group_meta(cache16_ptr, k_meta, (i * K_DP + b * K_CH) // G, n_ok,
-                                   BLOCK_SIZE * NG)
-            codes = _codes_to_float((kbytes >> (i * K_BITS)) & K_MASK)
-            k_t = codes * step[None, :] + lo[None, :]
-            scores = tl.dot(q_chunks[b * K_P + i], k_t.to(tl.float16), acc=scores)
+            if META_ROWS:
+                step = _column(k_steps, (i * K_DP + b * K_CH) // G, NG)
+                lo = _column(k_minima, (i * K_DP + b * K_CH) // G, NG)
+            else:
+                step, lo = _group_meta(cache16_ptr, k_meta, (i * K_DP + b * K_CH) // G,
+                                       n_ok, BLOCK_SIZE * NG)
+            if AFTER_DOT:
+                codes = _codes_to_half((kbytes >> (i * K_BITS)) & K_MASK)
+                raw = tl.dot(q_chunks[b * K_P + i], codes)
+                scores += raw * step[None, :] + q_sums[b * K_P + i][:, None] * lo[None, :]
+            else:
+                codes = _codes_to_float((kbytes >> (i * K_BITS)) & K_MASK)
+                k_t = codes * step[None, :] + lo[None, :]
+                scores = tl.dot(q_chunks[b * K_P + i], k_t.to(tl.float16), acc=scores)
 
     allowed = (r_ok[:, None] & n_ok[None, :]) & (n[None, :] <= r_pos[:, None])
     scores = tl.where(allowed, scores, float("-inf"))
@@ -186,15 +234,28 @@ def _kv_tile(
     # acc_chunk = acc_chunk·alpha + p · dequant(v_chunk)
     v_codes = cache_ptr + v_region[:, None] + slot[:, None] * V_DP + vc[None, :]
     new_acc = ()
+    if META_ROWS:
+        v_steps, v_minima = _meta_rows(cache16_ptr, v_meta, n_ok, NG, BLOCK_SIZE * NG)
     for b in tl.static_range(V_NB):
         vbytes = tl.load(v_codes + b * V_CH, mask=n_ok[:, None], other=0).to(tl.int32)
         for i in tl.static_range(V_P):
-            step, lo = _group_meta(cache16_ptr, v_meta, (i * V_DP + b * V_CH) // G, n_ok,
-                                   BLOCK_SIZE * NG)
-            codes = _codes_to_float((vbytes >> (i * V_BITS)) & V_MASK)
-            v = codes * step[:, None] + lo[:, None]
-            new_acc = new_acc + (tl.dot(p16, v.to(tl.float16),
-                                        acc=acc[b * V_P + i] * alpha[:, None]),)
+            if META_ROWS:
+                step = _column(v_steps, (i * V_DP + b * V_CH) // G, NG)
+                lo = _column(v_minima, (i * V_DP + b * V_CH) // G, NG)
+            else:
+                step, lo = _group_meta(cache16_ptr, v_meta, (i * V_DP + b * V_CH) // G,
+                                       n_ok, BLOCK_SIZE * NG)
+            if AFTER_DOT:
+                codes = _codes_to_half((vbytes >> (i * V_BITS)) & V_MASK)
+                p_step = (p * step[None, :]).to(tl.float16)
+                p_min = tl.sum(p * lo[None, :], axis=1)
+                a = acc[b * V_P + i] * alpha[:, None] + p_min[:, None]
+                new_acc = new_acc + (tl.dot(p_step, codes, acc=a),)
+            else:
+                codes = _codes_to_float((vbytes >> (i * V_BITS)) & V_MASK)
+                v = codes * step[:, None] + lo[:, None]
+                new_acc = new_acc + (tl.dot(p16, v.to(tl.float16),
+                                            acc=acc[b * V_P + i] * alpha[:, None]),)
     return new_acc, m_i, l_i
 
 
@@ -212,8 +273,8 @@ def _attention_kernel(
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr,
     G: tl.constexpr, K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
-    ROTATE: tl.constexpr, SPLIT: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    QROT_F16: tl.constexpr,
+    ROTATE: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, QROT_F16: tl.constexpr, AFTER_DOT: tl.constexpr, META_ROWS: tl.constexpr,
 ):
     K_P: tl.constexpr = 8 // K_BITS
     K_DP: tl.constexpr = D * K_BITS // 8      # code bytes per token = elements per slice
@@ -246,14 +307,15 @@ def _attention_kernel(
     # ---- prologue: rotated, scaled query chunks (fp16, loop invariant) -----------------
     q_row = q_ptr + r_t * q_stride_t + r_head * q_stride_h
     kc = tl.arange(0, K_CH)
-    if ROTATE:
+    if ROTATE_Q:
         q_full = tl.load(q_row[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
         q_full = q_full.to(tl.float32)
     q_chunks = ()
+    q_sums = ()  # Σ of each rotated query chunk (the minimum's coefficient with AFTER_DOT)
     for b in tl.static_range(K_NB):
         for i in tl.static_range(K_P):
             col = i * K_DP + b * K_CH
-            if ROTATE:
+            if ROTATE_Q:
                 # With BLOCK_M >= 64 (wgmma), feeding a tensor-core dot's result to the
                 # loop's dots as a loop-invariant operand miscompiled (Triton 3.6, sm_90):
                 # there the rotation is an fp32 FMA dot (more registers, prefill only).
@@ -266,7 +328,9 @@ def _attention_kernel(
             else:
                 qc = tl.load(q_row[:, None] + col + kc[None, :], mask=r_ok[:, None],
                              other=0.0).to(tl.float32) * q_scale
-            q_chunks = q_chunks + (qc.to(tl.float16),)
+            qc16 = qc.to(tl.float16)
+            q_chunks = q_chunks + (qc16,)
+            q_sums = q_sums + (tl.sum(qc16.to(tl.float32), axis=1),)
 
     acc = ()
     for b in tl.static_range(V_NB):
@@ -292,16 +356,18 @@ def _attention_kernel(
         tile = tile_lo
         while tile < tile_hi:
             acc, m_i, l_i = _kv_tile(
-                tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end,
-                kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE, PAGE_BYTES, G,
-                K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH)
+                tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row,
+                kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
+                PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
+                AFTER_DOT, META_ROWS)
             tile += 1
     else:
         for tile in range(tile_lo, tile_hi):
             acc, m_i, l_i = _kv_tile(
-                tile, acc, m_i, l_i, q_chunks, cache_ptr, cache16_ptr, bt_row, kv_end,
-                kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE, PAGE_BYTES, G,
-                K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH)
+                tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row,
+                kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
+                PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
+                AFTER_DOT, META_ROWS)
 
     # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -398,18 +464,24 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         num_seqs, kv_heads, max_query_len, max_seq_len, query.device,
         max_splits=workspace.max_splits if workspace is not None else 16)
     splits = max(1, int(splits))
-    if max_query_len <= 1:  # measured on an H100: 64-token tiles pay off with split-K only
+    decode = max_query_len <= 1
+    if decode:  # measured on an H100: 64-token tiles pay off with split-K only
         block_m, warps, stages = max(16, _pow2(group)), 4, 3
         tile_n = 64 if splits > 1 else 32
     else:
         block_m = min(64, max(16, _pow2(max_query_len * group)))
         block_m = max(block_m, _pow2(group))
         tile_n, warps, stages = 32, 4, 2
+    # Decode (few real rows per 16-row tile) pays per element: steps after the dot. Prefill
+    # (64 real rows) pays per (row, token): steps on the elements. Both prefetch each
+    # token's steps/minima as one row.
+    variant = {"after_dot": decode, "meta_rows": True}
     if _TUNING:  # benchmarking/debugging overrides: {"tile_n": .., "warps": .., "stages": ..}
         tile_n = _TUNING.get("tile_n", tile_n)
         warps = _TUNING.get("warps", warps)
         stages = _TUNING.get("stages", stages)
         block_m = max(_TUNING.get("block_m", block_m), _pow2(group))
+        variant = {k: _TUNING.get(k, v) for k, v in variant.items()}
     block_q = block_m // group
 
     if splits > 1 and (workspace is None
@@ -420,6 +492,16 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     rotate = block is not None and block > 1
     signs = blockdiag_signs(d, block, query.device, torch.float16)
     inv_sqrt_b = 1.0 / math.sqrt(block) if rotate else 1.0
+    # Q rotation in the prologue needs the fp16 tensor-core dot, which miscompiles at
+    # BLOCK_M >= 64 (see the kernel) and whose fp32 fallback spills; there (prefill) the
+    # query is rotated before the launch: one small [b, b] GEMM per b elements.
+    rotate_q = rotate and _TUNING.get("rotate_q_in_kernel", block_m < 64)
+    q_in, q_scale = query, scale * LOG2E * inv_sqrt_b
+    if rotate and not rotate_q:
+        h = blockdiag_hadamard(block, block, query.device)
+        q_in = (query.reshape(-1, block).float() @ h).to(torch.float16)
+        q_in = q_in.view(num_tokens, num_heads, d)
+        q_scale = scale * LOG2E
     if splits > 1:
         ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
         ws_heads, ws_splits = workspace.num_heads, workspace.max_splits
@@ -429,19 +511,20 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
 
     grid = (num_tokens // block_q + num_seqs, kv_heads, splits)
     compiled = _attention_kernel[grid](
-        query, query.stride(0), query.stride(1), output, output.stride(0), output.stride(1),
+        q_in, q_in.stride(0), q_in.stride(1), output, output.stride(0), output.stride(1),
         cache, cache.view(torch.float16), signs,
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
         ws_out, ws_max, ws_sum, ws_heads, ws_splits, splits,
-        scale * LOG2E * inv_sqrt_b, inv_sqrt_b,
+        q_scale, inv_sqrt_b,
         D=d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, G=g,
         K_BITS=recipe.key.bits, K_REGION=layout.key.region_bytes,
         K_CH=min(g, d * recipe.key.bits // 8),
         V_BASE=layout.value_offset, V_BITS=recipe.value.bits,
         V_REGION=layout.value.region_bytes, V_CH=min(g, d * recipe.value.bits // 8),
-        ROTATE=rotate, SPLIT=splits > 1, WHILE_LOOP=_interpreted(),
+        ROTATE=rotate, ROTATE_Q=rotate_q, SPLIT=splits > 1, WHILE_LOOP=_interpreted(),
         QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
+        AFTER_DOT=variant["after_dot"], META_ROWS=variant["meta_rows"],
         num_warps=warps, num_stages=stages,
     )
     if _TUNING:
