@@ -14,7 +14,11 @@ unquantized cache on the same weights and windows. Final numbers come from
 Recipe syntax: `int4|int2` / `g<group_size>` / `h<hadamard_block>|none`, then optionally
 `/s<N>` (the first N tokens of every window kept unquantized: attention sinks) and
 `/only-k` or `/only-v` (quantize one of the two, to see which one costs the quality), and
-`/kc<T>` (K quantized per channel over groups of T tokens, KIVI style; V stays token-wise).
+`/kc<T>` (K quantized per channel over groups of T tokens, KIVI style; V stays token-wise),
+`/kmean<N>` (subtract each head's K channel means over the window's first N tokens) and
+`/kcal` (subtract a static per-(layer, head) K offset: `--key-offsets FILE` from
+`python -m vllm_kvplug.calibrate`, or by default measured here with the same package code
+on the first 512 tokens of this repository's README).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_configs import markdown_table  # noqa: E402
 
 from vllm_kvplug.quant import QuantRecipe, quantize_dequantize  # noqa: E402
+from vllm_kvplug.quant.key_offsets import load_key_offsets, measure_key_means  # noqa: E402
 
 ATTENTION_NAME = "kvplug_fake_quant"
 
@@ -51,7 +56,7 @@ class Variant:
     # would not add it back); 0: off.
     key_mean_tokens: int = 0
     # Subtract a static per-(layer, head) K offset measured once on a different text
-    # (this repository's README), the same for every sequence.
+    # (--key-offsets, or this repository's README), the same for every sequence.
     key_calibrated: bool = False
 
     @classmethod
@@ -85,7 +90,6 @@ class Variant:
 
 _ACTIVE: list[Variant | None] = [None]
 _KEY_OFFSETS: dict[int, torch.Tensor] = {}  # layer -> [1, H, 1, D] static K offset
-_CALIBRATING = [False]
 
 
 def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
@@ -97,10 +101,6 @@ def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
         s = variant.sink_tokens
         offset = 0.0
         if variant.key_calibrated:
-            if _CALIBRATING[0]:
-                _KEY_OFFSETS[module.layer_idx] = key.float().mean(-2, keepdim=True)
-                return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                              **kwargs)
             offset = _KEY_OFFSETS[module.layer_idx]
             key = (key.float() - offset).to(key.dtype)
         elif variant.key_mean_tokens:
@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window-tokens", type=int, default=1024)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--key-offsets", default=None,
+                   help="K offsets file for /kcal (python -m vllm_kvplug.calibrate); "
+                        "default: measured on the first 512 tokens of README.md")
     p.add_argument("--out", default="bench/results/kv_quant_ablation")
     ns = p.parse_args(argv)
     if ns.threads:
@@ -216,16 +219,20 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, results = [], []
     baseline = None
-    calibration = tokenizer((Path(__file__).resolve().parents[1] / "README.md").read_text(),
-                            add_special_tokens=False).input_ids[:512]
+    if any(v.key_calibrated for v in ns.recipes):
+        if ns.key_offsets:
+            offsets = load_key_offsets(ns.key_offsets)
+            offsets.check_model(model.config.num_hidden_layers,
+                                model.config.num_key_value_heads, head_size)
+            means = offsets.offsets
+        else:
+            readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+            calibration = tokenizer(readme, add_special_tokens=False).input_ids[:512]
+            means, _ = measure_key_means(model, [calibration])
+        _KEY_OFFSETS.update({i: m[None, :, None, :] for i, m in enumerate(means)})
     for variant in [Variant("baseline", None)] + ns.recipes:
         _ACTIVE[0] = variant
         t0 = time.perf_counter()
-        if variant.key_calibrated:
-            _CALIBRATING[0] = True
-            with torch.inference_mode():
-                model(torch.tensor([calibration]))
-            _CALIBRATING[0] = False
         ppl = perplexity(model, windows)
         baseline = baseline or ppl
         bytes_vec = mean_bytes_per_vector(variant, head_size)
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": ns.model, "dtype": ns.dtype, "windows": ns.windows,
             "window_tokens": ns.window_tokens, "corpus_file": ns.corpus_file,
-            "head_size": head_size}
+            "head_size": head_size, "key_offsets": ns.key_offsets}
     out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2))
     out.with_suffix(".md").write_text(table + "\n")
     return 0

@@ -114,6 +114,52 @@ def test_write_kv_matches_reference(kbits, vbits, group, hb, head_size, bs, dtyp
     assert torch.equal(codes_got.permute(0, 2, 1, 3)[idle], codes_init.permute(0, 2, 1, 3)[idle])
 
 
+@pytest.mark.parametrize("kbits,group,hb,dtype", [
+    (4, 64, 64, torch.float32),
+    (4, 32, 64, torch.bfloat16),
+    (8, 64, None, torch.float16),
+])
+def test_write_kv_with_key_offset_matches_reference(kbits, group, hb, dtype):
+    """A static K offset is subtracted before rotation, as write_reference does; V is not
+    touched by it."""
+    torch.manual_seed(1)
+    heads, head_size, bs, t = 2, 64, 16, 29
+    layout = layout_of(kbits, 4, group, hb, heads, head_size, bs)
+    common = 8 * torch.randn(heads, head_size)  # a large per-(head, channel) component
+    key = (common + torch.randn(t, heads, head_size)).to(dtype)
+    value = torch.randn(t, heads, head_size).to(dtype)
+    slots = torch.randperm(3 * bs)[:t]
+    want = torch.zeros(3, layout.page_bytes, dtype=torch.uint8)
+    write_reference(want, key, value, slots, layout, key_offset=common)
+    plain = torch.zeros_like(want)
+    write_reference(plain, key, value, slots, layout)
+    got = torch.zeros_like(want).to(DEVICE)
+    tk.write_kv(got, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE), layout,
+                key_offset=common.to(DEVICE))
+    got = got.cpu()
+    (wc, ws, wm), (gc, gs, gm) = layout.views(want, "key"), layout.views(got, "key")
+    diff = unpack(gc, kbits).int() - unpack(wc, kbits).int()
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01
+    if hb is None or dtype == torch.float32:
+        assert torch.equal(gc, wc)
+    torch.testing.assert_close(gs.float(), ws.float(), rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(gm.float(), wm.float(), rtol=2e-3, atol=1e-5)
+    # the offset did change K's pages, and only K's
+    assert not torch.equal(layout.views(plain, "key")[2], wm)
+    for a, b in zip(layout.views(got, "value"), layout.views(plain, "value")):
+        assert torch.equal(a, b)
+
+
+def test_write_kv_refuses_a_wrong_key_offset():
+    layout = layout_of(4, 4, 32, 32, 2, 64, 16)
+    cache = torch.zeros(2, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
+    kv = torch.zeros(3, 2, 64, device=DEVICE)
+    for bad in (torch.zeros(1, 64), torch.zeros(2, 64, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="key_offset must be"):
+            tk.write_kv(cache, kv, kv, torch.arange(3, device=DEVICE), layout,
+                        key_offset=bad.to(DEVICE))
+
+
 def test_write_kv_detects_a_wrong_layout():
     layout = layout_of(4, 4, 32, 32, 2, 64, 16)
     with pytest.raises(ValueError, match="uint8 cache"):

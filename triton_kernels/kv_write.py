@@ -2,7 +2,9 @@
 
 One Triton program handles `BLOCK_T` tokens of one KV head, K and then V:
 
-  1. load the [BLOCK_T, D] tile (bf16/fp16/fp32, any token/head strides);
+  1. load the [BLOCK_T, D] tile (bf16/fp16/fp32, any token/head strides); for K with a
+     static offset (`key_offset`), subtract the head's fp32 offset and round back to the
+     input dtype, exactly as the reference does;
   2. rotate it with one `tl.dot` against the block-diagonal Hadamard matrix. For bf16/fp16
      inputs the matrix is the exact ±1 sign matrix in the input dtype (tensor cores, fp32
      accumulation, then one multiply by 1/sqrt(b)); for fp32 inputs it is the orthonormal
@@ -57,14 +59,18 @@ def blockdiag_signs(head_size: int, block: int | None, device,
 
 @triton.jit
 def _quantize_store_tile(
-    x_ptr, x_stride_t, x_stride_h, h_ptr, inv_sqrt_b,
+    x_ptr, x_stride_t, x_stride_h, h_ptr, inv_sqrt_b, off_ptr,
     cache_ptr, cache16_ptr,
     tok, tok_ok, head, slot_blk, slot_off,
     REGION_BASE: tl.constexpr, REGION_BYTES: tl.constexpr, PAGE_BYTES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     ROTATE: tl.constexpr, X_F32: tl.constexpr, BLOCK_T: tl.constexpr,
+    OFFSET: tl.constexpr, X_BF16: tl.constexpr,
 ):
-    """Quantize the [BLOCK_T, D] tile of one head of K or V and store it at the slots."""
+    """Quantize the [BLOCK_T, D] tile of one head of K or V and store it at the slots.
+
+    OFFSET: subtract the fp32 row `off_ptr[head, :]` first (static K offset) and round
+    the difference back to the input dtype (X_BF16: the input is bf16)."""
     NG: tl.constexpr = D // G
     P: tl.constexpr = 8 // BITS           # codes per byte
     DP: tl.constexpr = D * BITS // 8      # bytes per token (= elements per planar slice)
@@ -73,6 +79,15 @@ def _quantize_store_tile(
     d = tl.arange(0, D)
     x = tl.load(x_ptr + tok[:, None] * x_stride_t + head * x_stride_h + d[None, :],
                 mask=tok_ok[:, None], other=0.0)
+    if OFFSET:
+        off = tl.load(off_ptr + head * D + d)
+        xo = x.to(tl.float32) - off[None, :]
+        if X_BF16:  # round to nearest even at bf16 precision with integer ops, so that
+            # the conversion below is exact everywhere (the interpreter truncates)
+            b = xo.to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            xo = b.to(tl.float32, bitcast=True)
+        x = xo.to(x.dtype)
     if ROTATE:
         hmat = tl.load(h_ptr + d[:, None] * D + d[None, :])
         if X_F32:  # fp32 (or bf16 under the interpreter, whose bf16 dot is broken)
@@ -114,11 +129,12 @@ def _quantize_store_tile(
 @triton.jit(do_not_specialize=["num_tokens"])  # one variant for every batch size
 def _write_kv_kernel(
     key_ptr, k_stride_t, k_stride_h, value_ptr, v_stride_t, v_stride_h,
-    slot_ptr, num_tokens, h_ptr, inv_sqrt_b, cache_ptr, cache16_ptr,
+    slot_ptr, num_tokens, h_ptr, inv_sqrt_b, koff_ptr, cache_ptr, cache16_ptr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr,
     K_REGION: tl.constexpr, V_BASE: tl.constexpr, V_REGION: tl.constexpr,
     PAGE_BYTES: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
     ROTATE: tl.constexpr, X_F32: tl.constexpr, BLOCK_T: tl.constexpr,
+    K_OFFSET: tl.constexpr, X_BF16: tl.constexpr,
 ):
     head = tl.program_id(1)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -128,14 +144,14 @@ def _write_kv_kernel(
     slot = tl.where(ok, slot, 0)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
-    _quantize_store_tile(key_ptr, k_stride_t, k_stride_h, h_ptr, inv_sqrt_b,
+    _quantize_store_tile(key_ptr, k_stride_t, k_stride_h, h_ptr, inv_sqrt_b, koff_ptr,
                          cache_ptr, cache16_ptr, tok, ok, head, blk, off,
                          0, K_REGION, PAGE_BYTES, BLOCK_SIZE, D, G, K_BITS,
-                         ROTATE, X_F32, BLOCK_T)
-    _quantize_store_tile(value_ptr, v_stride_t, v_stride_h, h_ptr, inv_sqrt_b,
+                         ROTATE, X_F32, BLOCK_T, K_OFFSET, X_BF16)
+    _quantize_store_tile(value_ptr, v_stride_t, v_stride_h, h_ptr, inv_sqrt_b, koff_ptr,
                          cache_ptr, cache16_ptr, tok, ok, head, blk, off,
                          V_BASE, V_REGION, PAGE_BYTES, BLOCK_SIZE, D, G, V_BITS,
-                         ROTATE, X_F32, BLOCK_T)
+                         ROTATE, X_F32, BLOCK_T, False, X_BF16)
 
 
 def _interpreted() -> bool:
@@ -164,12 +180,15 @@ def _check_supported(layout: PagedLayout) -> None:
 
 
 def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor, layout: PagedLayout) -> None:
+             slot_mapping: torch.Tensor, layout: PagedLayout,
+             key_offset: torch.Tensor | None = None) -> None:
     """Rotate, quantize and scatter key/value [T, H, D] into `cache` at `slot_mapping`.
 
     Same result as `vllm_kvplug.quant.paged.write_reference`. `key`/`value` may be strided
     views (last-dimension stride 1); T is min(len(key), len(slot_mapping)); negative slots
-    are skipped. CUDA-graph safe (no host sync, no allocation once the matrices are cached).
+    are skipped. `key_offset`: optional contiguous float32 [H, D] on the cache's device,
+    subtracted from K before rotation (a compile-time switch: no cost when absent).
+    CUDA-graph safe (no host sync, no allocation once the matrices are cached).
     """
     _check_cache(cache, layout)
     _check_supported(layout)
@@ -180,6 +199,12 @@ def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          f"and {tuple(value.shape)}")
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key/value need a unit stride on the last dimension")
+    if key_offset is not None and (
+            key_offset.shape != (heads, d) or key_offset.dtype != torch.float32
+            or not key_offset.is_contiguous() or key_offset.device != cache.device):
+        raise ValueError(f"key_offset must be a contiguous float32 [{heads}, {d}] tensor on "
+                         f"{cache.device}, got {key_offset.dtype} {tuple(key_offset.shape)} "
+                         f"on {key_offset.device}")
     if key.dtype != value.dtype:
         value = value.to(key.dtype)
     if num_tokens == 0:
@@ -197,11 +222,13 @@ def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     grid = (triton.cdiv(num_tokens, block_t), heads)
     _write_kv_kernel[grid](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
-        slot_mapping, num_tokens, hmat, inv_sqrt_b, cache, cache.view(torch.float16),
+        slot_mapping, num_tokens, hmat, inv_sqrt_b,
+        key if key_offset is None else key_offset,  # unused without K_OFFSET
+        cache, cache.view(torch.float16),
         K_BITS=layout.recipe.key.bits, V_BITS=layout.recipe.value.bits,
         G=layout.recipe.key.group_size,
         K_REGION=layout.key.region_bytes, V_BASE=layout.value_offset,
         V_REGION=layout.value.region_bytes, PAGE_BYTES=layout.page_bytes,
         BLOCK_SIZE=layout.block_size, D=d, ROTATE=rotate, X_F32=x_f32, BLOCK_T=block_t,
-        num_warps=4,
+        K_OFFSET=key_offset is not None, X_BF16=key.dtype == torch.bfloat16, num_warps=4,
     )

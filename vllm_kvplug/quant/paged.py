@@ -115,12 +115,21 @@ class PagedLayout:
 
 
 def write_reference(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    slot_mapping: torch.Tensor, layout: PagedLayout) -> None:
+                    slot_mapping: torch.Tensor, layout: PagedLayout,
+                    key_offset: torch.Tensor | None = None) -> None:
     """Rotate, quantize and scatter key/value [T, H, D] into `cache` at `slot_mapping` [T].
 
     Slot s is token s % block_size of block s // block_size; negative slots (padding) are
-    skipped.
+    skipped. `key_offset` (float32 [H, D], optional) is subtracted from every key first,
+    in float32 and rounded back to key's dtype: (key.float() - key_offset).to(key.dtype).
+    Attention over the cache is unchanged by it (softmax ignores a constant shift of a
+    query's scores), so readers never add it back (see `quant/key_offsets.py`).
     """
+    if key_offset is not None:
+        if key_offset.shape != key.shape[1:]:
+            raise ValueError(f"key_offset must be {tuple(key.shape[1:])}, got "
+                             f"{tuple(key_offset.shape)}")
+        key = (key.float() - key_offset.float()).to(key.dtype)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, offsets = slots // layout.block_size, slots % layout.block_size
