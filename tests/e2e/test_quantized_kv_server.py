@@ -54,15 +54,22 @@ def test_allocator_gives_the_capacity_of_the_format(int4_server):
 
 
 def test_chat_answers_and_prefix_cache_hits_answer_the_same(int4_server):
+    check_long_prompt_answer(int4_server)
+
+
+def check_long_prompt_answer(server) -> str:
+    """A long prompt (chunked prefill) answers sensibly, and again the same from the
+    prefix cache. Used by other quantized-KV server tests too."""
     story = " ".join(f"Line {i}: the river keeps flowing past the old mill." for i in range(60))
     question = story + "\nWhat keeps flowing past the old mill?"
-    first = answer(int4_server.chat(question, max_tokens=16))
+    first = answer(server.chat(question, max_tokens=16))
     assert first.strip(), "empty answer"
-    before = _prefix_hits(int4_server.metrics())
-    second = answer(int4_server.chat(question, max_tokens=16))
-    assert _prefix_hits(int4_server.metrics()) > before  # served from cached INT4 pages
+    before = _prefix_hits(server.metrics())
+    second = answer(server.chat(question, max_tokens=16))
+    assert _prefix_hits(server.metrics()) > before  # served from cached INT4 pages
     assert second == first
     assert "river" in first.lower() or "water" in first.lower(), first
+    return first
 
 
 def _prefix_hits(metrics: str) -> float:

@@ -79,17 +79,30 @@ def load_profile(ref: str) -> ResolvedProfile:
             raise ProfileError(f"kv-compression profile file not found: {path}")
         text = path.read_text()
         source = str(path)
-    resolved = ResolvedProfile(profile=parse_profile_text(text, source), source=source)
+    base_dir = None if source.startswith("builtin:") else Path(source).parent
+    resolved = ResolvedProfile(profile=parse_profile_text(text, source, base_dir),
+                               source=source)
     _check_controller_candidates(resolved)
     return resolved
 
 
-def parse_profile_text(text: str, source: str) -> Profile:
+def parse_profile_text(text: str, source: str, base_dir: Path | None = None) -> Profile:
+    """Parse and validate a profile; relative file paths in it (quantization.key_offsets)
+    are taken relative to `base_dir` (the profile file's folder) when given."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ProfileError(f"invalid kv-compression profile {source}: not valid YAML: {e}") from e
+    if base_dir is not None:
+        _resolve_relative_paths(data, base_dir)
     return validate_profile(data, source)
+
+
+def _resolve_relative_paths(data: Any, base_dir: Path) -> None:
+    section = data.get("quantization") if isinstance(data, dict) else None
+    path = section.get("key_offsets") if isinstance(section, dict) else None
+    if isinstance(path, str) and path and not Path(path).expanduser().is_absolute():
+        section["key_offsets"] = str((base_dir / path).resolve())
 
 
 def validate_profile(data: Any, source: str) -> Profile:

@@ -8,9 +8,10 @@ typo never silently turns a feature off.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROFILE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -34,6 +35,26 @@ class QuantizationSection(_Section):
     # Tokens kept at higher precision: the first `sink_tokens` and the last `recent_tokens`.
     sink_tokens: int = Field(default=0, ge=0, le=1024)
     recent_tokens: int = Field(default=0, ge=0, le=65536)
+    # Static per-(layer, KV head) K offsets subtracted before quantizing K (a file from
+    # `python -m vllm_kvplug.calibrate`; relative paths in a profile file are relative to
+    # that file's folder). None: off.
+    key_offsets: str | None = None
+
+    @field_validator("key_offsets")
+    @classmethod
+    def _key_offsets_file_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"K offsets file not found: {value} (make one with "
+                             "python -m vllm_kvplug.calibrate MODEL --out FILE)")
+        return value
+
+    @model_validator(mode="after")
+    def _key_offsets_need_quantization(self) -> QuantizationSection:
+        if self.key_offsets is not None and self.method == "none":
+            raise ValueError("key_offsets is set but method is 'none': K offsets only "
+                             "apply to a quantized KV cache (set method: int4 or int2, or "
+                             "remove key_offsets)")
+        return self
 
 
 class EvictionSection(_Section):

@@ -34,6 +34,9 @@ def activate(vllm_config, resolved: ResolvedProfile) -> None:
         "vllm-kvplug: profile '%s' (%s) active; KV cache %.0f bytes/token "
         "(model dtype: %.0f)", profile.name, resolved.source, per_token, baseline,
     )
+    if profile.quantization.key_offsets:
+        logger.info("vllm-kvplug: K offsets %s subtracted before quantizing K",
+                    profile.quantization.key_offsets)
 
 
 def select_backend(engine_args, resolved: ResolvedProfile) -> None:
@@ -90,3 +93,13 @@ def check_model(vllm_config, resolved: ResolvedProfile) -> None:
     if block_size is not None and block_size % 16:
         raise ProfileError(f"{where}: --block-size {block_size} is not a multiple of 16, "
                            "which the quantized KV kernels need. Use 16, 32, 64 or 128.")
+    if resolved.profile.quantization.key_offsets:
+        from vllm_kvplug.quant.key_offsets import KeyOffsetsError, load_key_offsets
+
+        try:
+            load_key_offsets(resolved.profile.quantization.key_offsets).check_model(
+                model_config.get_total_num_hidden_layers(),
+                model_config.get_total_num_kv_heads(), head_size)
+        except KeyOffsetsError as e:
+            raise ProfileError(f"profile {resolved.source}, quantization.key_offsets, "
+                               f"model {name}: {e}") from None

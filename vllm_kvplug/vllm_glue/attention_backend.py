@@ -6,10 +6,16 @@ write (fused rotate + quantize + scatter) and the paged attention (dequantizatio
 the kernel) are the Triton kernels of `vllm_kvplug.triton_kernels`; on CPU the same format
 is written and read by the PyTorch reference, so the CPU engine serves real models with
 quantized KV (slowly; it is the correctness path).
+
+With `quantization.key_offsets` the cache write subtracts a static per-(layer, KV head)
+offset from K (`vllm_kvplug.quant.key_offsets`); attention reads the cache unchanged. The
+metadata builder, which vLLM creates with the layer names and the device after the KV
+cache is set up and before any CUDA graph is captured, gives each layer its offset.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,9 +30,13 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
+from vllm_kvplug.profiles.schema import QuantizationSection
+from vllm_kvplug.quant.key_offsets import KeyOffsetsError, kv_head_range, load_key_offsets
 from vllm_kvplug.quant.paged import PagedLayout, attention_reference, write_reference
 from vllm_kvplug.quant.recipe import KVRecipe
 from vllm_kvplug.vllm_glue.engine_args import resolve_from_additional_config
+
+logger = logging.getLogger("vllm.kvplug")
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 # Decode batches up to this many sequences may use split-K (flash-decoding) scratch.
@@ -36,15 +46,58 @@ MAX_SPLITS = 16
 _active_recipe: KVRecipe | None = None
 
 
-def recipe_from_config(vllm_config) -> KVRecipe:
-    """The KV recipe of the profile carried in `additional_config` (one per engine)."""
-    global _active_recipe
+def quantization_from_config(vllm_config) -> QuantizationSection:
+    """The quantization section of the profile carried in `additional_config`."""
     resolved = resolve_from_additional_config(vllm_config.additional_config)
     if resolved is None:
         raise RuntimeError("the vllm-kvplug attention backend is selected but no "
                            "kv_compression profile is configured")
-    _active_recipe = KVRecipe.from_section(resolved.profile.quantization)
+    return resolved.profile.quantization
+
+
+def recipe_from_config(vllm_config) -> KVRecipe:
+    """The KV recipe of the profile carried in `additional_config` (one per engine)."""
+    global _active_recipe
+    _active_recipe = KVRecipe.from_section(quantization_from_config(vllm_config))
     return _active_recipe
+
+
+def bind_key_offsets(layer_names, vllm_config, device: torch.device) -> None:
+    """Give every layer of ours in `layer_names` its K offset on `device` (no-op without
+    `quantization.key_offsets`). Runs once per builder, before CUDA-graph capture."""
+    path = quantization_from_config(vllm_config).key_offsets
+    if not path:
+        return
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    offsets = load_key_offsets(path)
+    model_config = vllm_config.model_config
+    offsets.check_model(model_config.get_total_num_hidden_layers(),
+                        model_config.get_total_num_kv_heads(), model_config.get_head_size())
+    first, count = kv_head_range(offsets.num_kv_heads, get_tensor_model_parallel_world_size(),
+                                 get_tensor_model_parallel_rank())
+    layers = vllm_config.compilation_config.static_forward_context
+    bound = 0
+    for name in layer_names:
+        impl = getattr(layers.get(name), "impl", None)
+        if not isinstance(impl, QuantizedKVImpl):
+            continue
+        try:
+            index = extract_layer_index(name)
+        except AssertionError:
+            raise KeyOffsetsError(f"K offsets {path}: cannot tell the layer index of "
+                                  f"attention layer {name!r}") from None
+        if count != impl.num_kv_heads:
+            raise KeyOffsetsError(f"K offsets {path}: this rank holds {impl.num_kv_heads} "
+                                  f"KV heads of layer {name!r}, expected {count}")
+        impl.key_offset = offsets.for_layer(index, first, count).to(device).contiguous()
+        bound += 1
+    logger.info("vllm-kvplug: K offsets of %d layers (KV heads %d..%d) on %s from %s",
+                bound, first, first + count - 1, device, path)
 
 
 def layout_for(vllm_config, num_kv_heads: int, head_size: int, block_size: int
@@ -123,6 +176,7 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
+        bind_key_offsets(layer_names, vllm_config, device)
         self.workspace = None
         if device.type == "cuda":
             from vllm_kvplug.triton_kernels import AttentionWorkspace
@@ -176,6 +230,10 @@ class QuantizedKVImpl(AttentionImpl):
         self.recipe = recipe_from_config(get_current_vllm_config())
         self.recipe.check_head_size(head_size)
         self._layout: PagedLayout | None = None
+        # quantization.key_offsets: this layer's float32 [num_kv_heads, head_size] offset,
+        # set on the cache's device by bind_key_offsets.
+        self.key_offsets_path = quantization_from_config(get_current_vllm_config()).key_offsets
+        self.key_offset: torch.Tensor | None = None
 
     def fused_output_quant_supported(self, quant_key) -> bool:
         return False
@@ -194,12 +252,17 @@ class QuantizedKVImpl(AttentionImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         layout = self._layout_for(kv_cache)
         n = slot_mapping.shape[0]
+        if self.key_offsets_path and self.key_offset is None:
+            raise RuntimeError(f"K offsets {self.key_offsets_path} were not bound to layer "
+                               f"{getattr(layer, 'layer_name', '?')} before its cache write")
         if kv_cache.device.type == "cpu":
-            write_reference(kv_cache, key[:n], value[:n], slot_mapping, layout)
+            write_reference(kv_cache, key[:n], value[:n], slot_mapping, layout,
+                            key_offset=self.key_offset)
         else:
             from vllm_kvplug.triton_kernels import write_kv
 
-            write_kv(kv_cache, key[:n], value[:n], slot_mapping, layout)
+            write_kv(kv_cache, key[:n], value[:n], slot_mapping, layout,
+                     key_offset=self.key_offset)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: QuantizedKVMetadata | None,
