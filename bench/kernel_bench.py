@@ -69,7 +69,9 @@ def timed(fn, device: torch.device, smoke: bool) -> float:
     """Seconds per call (triton do_bench on a GPU, one wall-clock call on the CPU)."""
     if device.type == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100 if not smoke else 10) * 1e-3
+        # median, after a warm-up long enough for the clocks to leave their idle state
+        return triton.testing.do_bench(fn, warmup=100, rep=100 if not smoke else 10,
+                                       return_mode="median") * 1e-3
     fn()
     t0 = time.perf_counter()
     fn()
@@ -170,6 +172,56 @@ def with_variant(tk, variant: str, fn):
         pa._TUNING.update(saved)
 
 
+SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 9, 12, 16, 24, 32, 48)
+SWEEP_PREFILL = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2),
+                 (128, 64, 8, 3))  # (block_m, tile_n, warps, stages)
+
+
+def launch_sweep(tk, device, smoke, profiles, hq, h, d, bs, decode_shapes, prefill_cases):
+    """Decode: every split count (>= 128 tokens a split) x tile 32/64; prefill: the
+    (block_m, tile_n, warps, stages) grid. Times each launch shape of the default inner loop
+    (the launcher's own choice is timed first and again last, to show drift)."""
+    rows = []
+    for profile in profiles:
+        layout = make_layout(profile, h, d, bs)
+        for batch, ctx in decode_shapes:
+            s = Setup(tk, layout, hq, [ctx] * batch, [1] * batch, device)
+            auto = tk.choose_num_splits(batch, h, 1, ctx, device)
+
+            def time_it(tuning, splits):
+                ws = tk.AttentionWorkspace(batch, hq, d, max(splits, 1), device)
+                VARIANTS["_sweep"] = tuning
+                return with_variant(tk, "_sweep", lambda: timed(
+                    lambda: s.run(tk, workspace=ws, num_splits=splits), device, smoke))
+            first = time_it({}, auto)
+            for tile in (32, 64):
+                for splits in SWEEP_SPLITS:
+                    if splits > 1 and ctx // splits < 128:
+                        continue
+                    rows.append({"kind": "decode", "profile": profile, "batch": batch,
+                                 "context": ctx, "tile_n": tile, "splits": splits,
+                                 "time_us": time_it({"tile_n": tile}, splits) * 1e6})
+            rows.append({"kind": "decode", "profile": profile, "batch": batch,
+                         "context": ctx, "tile_n": "auto", "splits": auto,
+                         "time_us": first * 1e6,
+                         "again_time_us": time_it({}, auto) * 1e6})
+            del s
+        for seq_len, q_len, nseq in prefill_cases:
+            s = Setup(tk, layout, hq, [seq_len] * nseq, [q_len] * nseq, device)
+            for block_m, tile, warps, stages in SWEEP_PREFILL:
+                VARIANTS["_sweep"] = {"block_m": block_m, "tile_n": tile, "warps": warps,
+                                      "stages": stages}
+                sec = with_variant(tk, "_sweep", lambda: timed(lambda: s.run(tk), device,
+                                                                 smoke))
+                rows.append({"kind": "prefill", "profile": profile, "seqs": nseq,
+                             "q_len": q_len, "seq_len": seq_len, "block_m": block_m,
+                             "tile_n": tile, "warps": warps, "stages": stages,
+                             "time_us": sec * 1e6})
+            del s
+    VARIANTS.pop("_sweep", None)
+    return rows
+
+
 def bf16_prefill_baseline(q_len, seq_len, hq, d, device, smoke):
     """Seconds of bf16 SDPA (FlashAttention on a GPU) for q_len new tokens after
     seq_len - q_len cached ones (bottom-right causal mask as an explicit bias only when
@@ -196,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
                     help="inner-loop variants to time side by side (correctness: each)")
     ap.add_argument("--profiles", nargs="+", choices=list(PROFILES), default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="only time launch shapes (split counts, tiles, prefill blocks)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,6 +277,18 @@ def main(argv=None) -> int:
     result = {"device": name, "peak_bytes_per_s": peak, "smoke": args.smoke,
               "shape": {"q_heads": hq, "kv_heads": h, "head_size": d, "block_size": bs},
               "correctness": [], "decode": [], "prefill": [], "write": []}
+
+    prefill_cases = [(24, 8, 1)] if args.smoke else [(4096, 2048, 1), (2048, 2048, 4)]
+    if args.sweep:
+        result["sweep"] = launch_sweep(tk, device, args.smoke, profiles, hq, h, d, bs,
+                                       decode_shapes, prefill_cases)
+        for r in result["sweep"]:
+            print(json.dumps(r))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {out}")
+        return 0
 
     # 1. correctness at full size
     if not args.skip_correctness:
@@ -269,8 +335,6 @@ def main(argv=None) -> int:
             del s, ws
 
     # prefill chunk time (no baseline of the same causal shape in SDPA: report TFLOP/s)
-    # (sequence length, new tokens) per sequence, sequences per chunk
-    prefill_cases = [(24, 8, 1)] if args.smoke else [(4096, 2048, 1), (2048, 2048, 4)]
     for seq_len, q_len, nseq in prefill_cases:
         pairs = nseq * (q_len * (seq_len - q_len) + q_len * (q_len + 1) / 2)  # causal pairs
         flops = 4 * pairs * hq * d

@@ -248,6 +248,7 @@ def test_paged_attention_matches_reference(name):
     {"after_dot": True, "meta_rows": False},
     {"after_dot": False, "meta_rows": True},
     {"after_dot": True, "meta_rows": True, "rotate_q_in_kernel": True, "qrot_f16": False},
+    {"block_m": 128, "tile_n": 64, "warps": 8},   # prefill launch shapes of the sweep
 ])
 @pytest.mark.parametrize("name", ["decode_split_k8v4_gqa1_bs32", "chunked_prefill_k2v2_d128",
                                   "mixed_k8v4_g128_gqa4"])
