@@ -189,7 +189,7 @@ def launch_sweep(tk, device, smoke, profiles, hq, h, d, bs, decode_shapes, prefi
             auto = tk.choose_num_splits(batch, h, 1, ctx, device)
 
             def time_it(tuning, splits):
-                ws = tk.AttentionWorkspace(batch, hq, d, max(splits, 1), device)
+                ws = tk.AttentionWorkspace(batch * max(splits, 1), hq, d, device)
                 VARIANTS["_sweep"] = tuning
                 return with_variant(tk, "_sweep", lambda: timed(
                     lambda: s.run(tk, workspace=ws, num_splits=splits), device, smoke))
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
         for batch, ctx in decode_shapes:
             s = Setup(tk, layout, hq, [ctx] * batch, [1] * batch, device)
             splits = tk.choose_num_splits(batch, h, 1, ctx, device)
-            ws = tk.AttentionWorkspace(batch, hq, d, max(splits, 1), device)
+            ws = tk.AttentionWorkspace(batch * max(splits, 1), hq, d, device)
             nbytes = s.pages_read * layout.page_bytes
             base_sec, base_bytes = bf16_decode_baseline(batch, ctx, hq, h, d, device, args.smoke)
             for variant in args.variants:

@@ -266,7 +266,7 @@ def test_inner_loop_variants_match_reference(name, variant, monkeypatch):
 
 def test_split_k_with_a_reused_workspace_and_bf16():
     layout = layout_of(4, 4, 32, 32, 2, 64, 16)
-    ws = tk.AttentionWorkspace(8, 8, 64, 4, DEVICE)
+    ws = tk.AttentionWorkspace(12, 8, 64, DEVICE)  # 3 tokens x 4 splits
     for seed, seq_lens in ((1, [50, 3]), (2, [17, 64, 33])):
         batch = make_batch(layout, seq_lens, [1] * len(seq_lens), 8, torch.bfloat16,
                            seed=seed)
@@ -274,10 +274,20 @@ def test_split_k_with_a_reused_workspace_and_bf16():
 
 
 def test_split_heuristic_uses_host_integers_only():
-    assert tk.choose_num_splits(8, 8, 1, 8192, "cpu") > 1        # 64 programs: split
+    # the best split counts of the H100 sweep (132 SMs, 3 programs each, 8 KV heads)
+    assert tk.choose_num_splits(8, 8, 1, 8192, "cpu") == 6       # one full wave, not 9
+    assert tk.choose_num_splits(1, 8, 1, 32768, "cpu") == 49      # 392 programs <= 396
+    assert tk.choose_num_splits(32, 8, 1, 4096, "cpu") == 3
     assert tk.choose_num_splits(8, 8, 7, 8192, "cpu") == 1       # not pure decode
-    assert tk.choose_num_splits(256, 8, 1, 8192, "cpu") == 1     # the grid is full
-    assert tk.choose_num_splits(8, 8, 1, 300, "cpu") == 1        # too short to split
+    assert tk.choose_num_splits(256, 8, 1, 8192, "cpu") == 1     # many full waves
+    assert tk.choose_num_splits(8, 8, 1, 200, "cpu") == 1        # segments < 128 tokens
+    assert tk.choose_num_splits(1, 8, 1, 32768, "cpu", max_splits=4) == 4  # scratch cap
+
+
+def test_workspace_capacity_caps_the_split_count():
+    ws = tk.AttentionWorkspace(40, 8, 64, DEVICE)
+    assert ws.max_splits(8) == 5 and ws.max_splits(41) == 0
+    assert ws.fits(8, 8, 64, 5) and not ws.fits(8, 8, 64, 6) and not ws.fits(8, 4, 64, 2)
 
 
 def test_corrupted_cache_changes_the_output():

@@ -20,15 +20,22 @@ slice and one quantization group, so its dequantization is code·step + min with
 interleaving of the unpacked nibbles is ever needed. V chunks feed per-chunk fp32
 accumulators (p · v_chunk). Softmax is the fp32 online softmax in base 2.
 
-Rotation. Q is rotated in the prologue (Q · S, S the ±1 block-diagonal Hadamard sign
-matrix, an fp32 dot, scaled by 1/sqrt(b) together with the softmax scale) and the output
+Decode and prefill differ in where the per-token step and minimum are applied (AFTER_DOT:
+on the dot products in decode, whose 16-row tiles hold only GROUP real rows; on the
+elements in prefill); see `_kv_tile`. Each token's steps and minima are loaded as one row
+(META_ROWS), which the pipeliner prefetches with the codes.
+
+Rotation. Decode rotates Q in the prologue (Q · S, S the ±1 block-diagonal Hadamard sign
+matrix, a tensor-core dot, scaled by 1/sqrt(b) together with the softmax scale); prefill
+launches (BLOCK_M >= 64) get Q rotated by one small GEMM before the launch. The output is
 rotated back in the epilogue (o_rot · S / sqrt(b)); the rotated query chunks stay in
 registers for the whole KV loop.
 
 Split-K (flash decoding). For pure decode with few (sequence, KV head) programs, the KV
 range is cut into S segments (grid axis 2); each writes its normalised, rotated-back partial
 output and its (max, sum) to an `AttentionWorkspace`, and a small reduce kernel merges
-them. S is chosen from host integers (batch size, heads, max_seq_len, SM count).
+them. S is chosen from host integers (batch size, heads, max_seq_len, SM count) by a wave
+model (`choose_num_splits`).
 """
 
 from __future__ import annotations
@@ -52,23 +59,25 @@ _TUNING: dict = {}  # launch-parameter overrides for kernel_bench.py (empty in p
 class AttentionWorkspace:
     """Preallocated split-K scratch, reused across calls (allocate once, CUDA-graph safe).
 
-    Holds, per (token, query head, split), the partial output [D] (fp32, normalised and
-    rotated back) and the running max and sum of the online softmax.
+    Holds, per (token, split) row and query head, the partial output [D] (fp32, normalised
+    and rotated back) and the running max and sum of the online softmax. Capacity is in
+    rows, so few tokens may use many splits and many tokens few (a decode batch of T tokens
+    can split up to max_rows // T ways).
     """
 
-    def __init__(self, max_tokens: int, num_heads: int, head_size: int, max_splits: int,
-                 device) -> None:
-        self.max_tokens, self.num_heads = max_tokens, num_heads
-        self.head_size, self.max_splits = head_size, max_splits
-        self.out = torch.empty(max_tokens, num_heads, max_splits, head_size,
-                               dtype=torch.float32, device=device)
-        self.max = torch.empty(max_tokens, num_heads, max_splits, dtype=torch.float32,
+    def __init__(self, max_rows: int, num_heads: int, head_size: int, device) -> None:
+        self.max_rows, self.num_heads, self.head_size = max_rows, num_heads, head_size
+        self.out = torch.empty(max_rows * num_heads * head_size, dtype=torch.float32,
                                device=device)
+        self.max = torch.empty(max_rows * num_heads, dtype=torch.float32, device=device)
         self.sum = torch.empty_like(self.max)
 
+    def max_splits(self, num_tokens: int) -> int:
+        return self.max_rows // max(num_tokens, 1)
+
     def fits(self, num_tokens: int, num_heads: int, head_size: int, splits: int) -> bool:
-        return (num_tokens <= self.max_tokens and num_heads == self.num_heads
-                and head_size == self.head_size and splits <= self.max_splits)
+        return (num_tokens * splits <= self.max_rows and num_heads == self.num_heads
+                and head_size == self.head_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,23 +88,41 @@ def _sm_count(device: str) -> int:
     return 132  # an H100 SXM: keeps the heuristic's choices the same in the interpreter
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
-                      max_seq_len: int, device, max_splits: int = 16,
-                      min_tokens_per_split: int = 512) -> int:
-    """Number of KV segments for split-K; 1 outside pure decode or when the grid is full.
+# Decode programs resident per SM (4 warps, 141-168 registers a thread for head size 128 in
+# every format: 3 x 128 threads fit the 64K registers), and the fixed cost of a program
+# (Q load and rotation, partial-output store) in KV tokens. Both measured on an H100 with
+# `bench/kernel_bench.py --sweep`, whose timings the model below reproduces.
+DECODE_PROGRAMS_PER_SM = 3
+PROGRAM_OVERHEAD_TOKENS = 64
 
-    Depends on host integers only (CUDA-graph safe): aims at about 4 programs per SM
-    without making a segment shorter than `min_tokens_per_split` tokens.
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
+                      max_seq_len: int, device, max_splits: int = 64,
+                      min_tokens_per_split: int = 128) -> int:
+    """Number of KV segments for split-K; 1 outside pure decode.
+
+    Depends on host integers only (CUDA-graph safe). Wave model: the num_seqs·H·S programs
+    run in ceil(programs / resident) waves, each as long as one segment of
+    ceil(max_seq_len / S) tokens plus a fixed overhead; S minimises waves x length (the
+    smallest S on ties), and splits only when that saves at least 15 % (a full grid stays
+    whole). A part-filled last wave costs a full one, so e.g. 8 x 8192 tokens x 8 heads
+    splits 6 ways (384 programs, one wave on 132 SMs), not 9 (two).
     """
-    if max_query_len != 1:
+    if max_query_len != 1 or max_seq_len <= 0:
         return 1
     programs = num_seqs * num_kv_heads
-    target = 4 * _sm_count(str(device))
-    if programs >= target // 2:
-        return 1
-    splits = min(triton.cdiv(target, max(programs, 1)),
-                 triton.cdiv(max_seq_len, min_tokens_per_split), max_splits)
-    return max(1, splits)
+    resident = DECODE_PROGRAMS_PER_SM * _sm_count(str(device))
+    best, best_cost = 1, None
+    for splits in range(1, max(1, max_splits) + 1):
+        segment = triton.cdiv(max_seq_len, splits)
+        if splits > 1 and segment < min_tokens_per_split:
+            break
+        cost = triton.cdiv(programs * splits, resident) * (segment + PROGRAM_OVERHEAD_TOKENS)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+        if splits == 1:
+            unsplit = cost
+    return best if best_cost < 0.85 * unsplit else 1
 
 
 @triton.jit
@@ -460,18 +487,23 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     recipe = layout.recipe
     g = recipe.key.group_size
 
-    splits = num_splits if num_splits is not None else choose_num_splits(
-        num_seqs, kv_heads, max_query_len, max_seq_len, query.device,
-        max_splits=workspace.max_splits if workspace is not None else 16)
-    splits = max(1, int(splits))
+    if num_splits is None:
+        cap = workspace.max_splits(num_tokens) if workspace is not None else 64
+        num_splits = choose_num_splits(num_seqs, kv_heads, max_query_len, max_seq_len,
+                                       query.device, max_splits=cap)
+    splits = max(1, int(num_splits))
     decode = max_query_len <= 1
-    if decode:  # measured on an H100: 64-token tiles pay off with split-K only
+    if decode:  # 64-token tiles with split-K, 32 without (fits 4 programs per SM)
         block_m, warps, stages = max(16, _pow2(group)), 4, 3
         tile_n = 64 if splits > 1 else 32
     else:
-        block_m = min(64, max(16, _pow2(max_query_len * group)))
-        block_m = max(block_m, _pow2(group))
-        tile_n, warps, stages = 32, 4, 2
+        # measured on an H100 (kernel_bench --sweep): 128-row programs with 64-token tiles
+        # for 4/8-bit K, 64-row ones for 2-bit
+        rows = _pow2(max_query_len * group)
+        block_m = 128 if recipe.key.bits >= 4 and rows >= 128 else 64
+        block_m = max(min(block_m, max(16, rows)), _pow2(group))
+        tile_n, stages = 64, 2
+        warps = 8 if block_m >= 128 else 4
     # Decode (few real rows per 16-row tile) pays per element: steps after the dot. Prefill
     # (64 real rows) pays per (row, token): steps on the elements. Both prefetch each
     # token's steps/minima as one row.
@@ -486,7 +518,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
 
     if splits > 1 and (workspace is None
                        or not workspace.fits(num_tokens, num_heads, d, splits)):
-        workspace = AttentionWorkspace(num_tokens, num_heads, d, splits, query.device)
+        workspace = AttentionWorkspace(num_tokens * splits, num_heads, d, query.device)
 
     block = recipe.hadamard_block
     rotate = block is not None and block > 1
@@ -502,9 +534,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         q_in = (query.reshape(-1, block).float() @ h).to(torch.float16)
         q_in = q_in.view(num_tokens, num_heads, d)
         q_scale = scale * LOG2E
-    if splits > 1:
+    if splits > 1:  # rows (token, head, split) with the split count as the stride
         ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
-        ws_heads, ws_splits = workspace.num_heads, workspace.max_splits
+        ws_heads, ws_splits = workspace.num_heads, splits
     else:
         ws_out = ws_max = ws_sum = output  # unused
         ws_heads = ws_splits = 1
@@ -533,6 +565,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         _merge_splits_kernel[(num_tokens, num_heads)](
             output, output.stride(0), output.stride(1), ws_out, ws_max, ws_sum,
             ws_heads, ws_splits, query_start_loc, num_seqs, splits,
-            D=d, SPLITS_POW2=_pow2(ws_splits), num_warps=4,
+            # one compiled variant for every split count up to 64 (no JIT as lengths grow)
+            D=d, SPLITS_POW2=max(64, _pow2(splits)), num_warps=4,
         )
     return output

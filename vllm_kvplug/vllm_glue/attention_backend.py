@@ -39,9 +39,9 @@ from vllm_kvplug.vllm_glue.engine_args import resolve_from_additional_config
 logger = logging.getLogger("vllm.kvplug")
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
-# Decode batches up to this many sequences may use split-K (flash-decoding) scratch.
-MAX_SPLIT_DECODE_SEQS = 128
-MAX_SPLITS = 16
+# Split-K (flash-decoding) scratch, in (decode token, split) rows: a batch of T decode
+# tokens may split up to SPLIT_ROWS // T ways (16 MiB for 32 query heads of size 128).
+SPLIT_ROWS = 1024
 
 _active_recipe: KVRecipe | None = None
 
@@ -184,10 +184,8 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
             model_config = vllm_config.model_config
             num_heads = model_config.get_num_attention_heads(vllm_config.parallel_config)
             self.workspace = AttentionWorkspace(
-                max_tokens=min(MAX_SPLIT_DECODE_SEQS,
-                               vllm_config.scheduler_config.max_num_seqs),
-                num_heads=num_heads, head_size=kv_cache_spec.head_size,
-                max_splits=MAX_SPLITS, device=device)
+                max_rows=SPLIT_ROWS, num_heads=num_heads,
+                head_size=kv_cache_spec.head_size, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> QuantizedKVMetadata:
@@ -282,10 +280,8 @@ class QuantizedKVImpl(AttentionImpl):
             return output
         from vllm_kvplug.triton_kernels import paged_attention
 
-        # split-K only within the preallocated scratch (never allocate inside a graph)
-        fits = m.workspace is not None and query.shape[0] <= m.workspace.max_tokens
+        # split counts are capped by the preallocated scratch (never allocated in a graph)
         paged_attention(query, kv_cache, m.block_table, m.seq_lens, m.query_start_loc,
                         layout, self.scale, output, max_query_len=m.max_query_len,
-                        max_seq_len=m.max_seq_len, workspace=m.workspace,
-                        num_splits=None if fits else 1)
+                        max_seq_len=m.max_seq_len, workspace=m.workspace)
         return output
