@@ -98,7 +98,8 @@ PROGRAM_OVERHEAD_TOKENS = 64
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
                       max_seq_len: int, device, max_splits: int = 64,
-                      min_tokens_per_split: int = 128) -> int:
+                      min_tokens_per_split: int = 128,
+                      programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
     """Number of KV segments for split-K; 1 outside pure decode.
 
     Depends on host integers only (CUDA-graph safe). Wave model: the num_seqs·H·S programs
@@ -111,7 +112,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
     if max_query_len != 1 or max_seq_len <= 0:
         return 1
     programs = num_seqs * num_kv_heads
-    resident = DECODE_PROGRAMS_PER_SM * _sm_count(str(device))
+    resident = programs_per_sm * _sm_count(str(device))
     best, best_cost = 1, None
     for splits in range(1, max(1, max_splits) + 1):
         segment = triton.cdiv(max_seq_len, splits)
@@ -489,8 +490,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
 
     if num_splits is None:
         cap = workspace.max_splits(num_tokens) if workspace is not None else 64
-        num_splits = choose_num_splits(num_seqs, kv_heads, max_query_len, max_seq_len,
-                                       query.device, max_splits=cap)
+        num_splits = choose_num_splits(
+            num_seqs, kv_heads, max_query_len, max_seq_len, query.device, max_splits=cap,
+            programs_per_sm=_TUNING.get("programs_per_sm", DECODE_PROGRAMS_PER_SM))
     splits = max(1, int(num_splits))
     decode = max_query_len <= 1
     if decode:  # 64-token tiles with split-K, 32 without (fits 4 programs per SM)
@@ -507,7 +509,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     # Decode (few real rows per 16-row tile) pays per element: steps after the dot. Prefill
     # (64 real rows) pays per (row, token): steps on the elements. Both prefetch each
     # token's steps/minima as one row.
-    variant = {"after_dot": decode, "meta_rows": True}
+    variant = {"after_dot": decode, "meta_rows": True, "maxnreg": None}
     if _TUNING:  # benchmarking/debugging overrides: {"tile_n": .., "warps": .., "stages": ..}
         tile_n = _TUNING.get("tile_n", tile_n)
         warps = _TUNING.get("warps", warps)
@@ -558,6 +560,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
         AFTER_DOT=variant["after_dot"], META_ROWS=variant["meta_rows"],
         num_warps=warps, num_stages=stages,
+        **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] and not _interpreted()
+           else {}),
     )
     if _TUNING:
         _TUNING["_compiled"] = compiled
