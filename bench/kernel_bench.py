@@ -66,20 +66,24 @@ def peak_bandwidth(device: torch.device) -> tuple[str, float | None]:
 
 
 def timed(fn, device: torch.device, smoke: bool) -> float:
-    """Seconds per call (triton do_bench on a GPU, one wall-clock call on the CPU)."""
+    """Seconds per call of fn on the GPU alone, or one wall-clock call on the CPU.
+
+    On a GPU the calls are captured in a CUDA graph and the graph's replays are timed
+    (median), as vLLM runs decode: a timing of eager calls also counts the Python launch
+    path (argument checks, split choice, two Triton launches), which for short kernels
+    exceeded the kernel time and made eager timings of the same launch vary up to 4x
+    between runs. Half a second of replays first lets the clocks leave their idle state.
+    """
     if device.type == "cuda":
         import triton.testing
-        # Half a second of calls first: after the CPU-side reference checks the GPU sits
-        # idle and its clocks drop; do_bench's own warm-up is sized from a first estimate
-        # taken at those clocks (the first timed kernel of a run measured 1.6x slow).
-        fn()
+        fn()  # compile outside the capture
         torch.cuda.synchronize()
         t_end = time.perf_counter() + 0.5
         while time.perf_counter() < t_end:
             fn()
             torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=100, rep=100 if not smoke else 10,
-                                       return_mode="median") * 1e-3
+        return triton.testing.do_bench_cudagraph(fn, rep=100 if not smoke else 10,
+                                                 return_mode="median") * 1e-3
     fn()
     t0 = time.perf_counter()
     fn()
