@@ -160,9 +160,10 @@ def bf16_decode_baseline(batch, seq_len, hq, h, d, device, smoke):
 # Inner-loop variants of the attention kernel (overrides of paged_attention._TUNING).
 VARIANTS = {
     "default": {},  # what the launcher picks
-    # the previous release: steps on every element, per-group metadata gathers, and for
-    # prefill the Q rotation inside the kernel (fp32 dot, spills at BLOCK_M = 64)
-    "release-0": {"after_dot": False, "meta_rows": False, "rotate_q_in_kernel": True},
+    # the previous release's choices that remain switchable: steps on every element, and
+    # for prefill the Q rotation inside the kernel (fp32 dot, spills at BLOCK_M = 64);
+    # its per-group metadata gathers are gone (the H100 runs of `release-0` had them)
+    "release-0": {"after_dot": False, "rotate_q_in_kernel": True},
     # launch-shape alternatives for the default inner loop (decode tiles / warps)
     "tile32": {"tile_n": 32},
     "tile64": {"tile_n": 64},

@@ -244,18 +244,17 @@ def test_paged_attention_matches_reference(name):
 
 
 @pytest.mark.parametrize("variant", [
-    {"after_dot": False, "meta_rows": False},   # the previous release's inner loop
-    {"after_dot": True, "meta_rows": False},
-    {"after_dot": False, "meta_rows": True},
-    {"after_dot": True, "meta_rows": True, "rotate_q_in_kernel": True, "qrot_f16": False},
+    {"after_dot": False},                       # steps on the elements (prefill's loop)
+    {"after_dot": True},                        # steps after the dot (decode's loop)
+    {"after_dot": True, "rotate_q_in_kernel": True, "qrot_f16": False},
     {"block_m": 128, "tile_n": 64, "warps": 8},   # prefill launch shapes of the sweep
 ])
 @pytest.mark.parametrize("name", ["decode_split_k8v4_gqa1_bs32", "chunked_prefill_k2v2_d128",
                                   "mixed_k8v4_g128_gqa4"])
 def test_inner_loop_variants_match_reference(name, variant, monkeypatch):
     """Every inner-loop variant the launcher can pick (steps applied after the dot or on the
-    elements, metadata as rows or per group, Q rotated in the prologue or before the
-    launch) computes the same attention."""
+    elements, Q rotated in the prologue or before the launch, launch shapes) computes the
+    same attention."""
     monkeypatch.setattr(sys.modules["vllm_kvplug.triton_kernels.paged_attention"], "_TUNING",
                         dict(variant))
     kb, vb, g, hb, h, hq, d, bs, seq_lens, q_lens, splits = CASES[name]

@@ -22,8 +22,8 @@ accumulators (p · v_chunk). Softmax is the fp32 online softmax in base 2.
 
 Decode and prefill differ in where the per-token step and minimum are applied (AFTER_DOT:
 on the dot products in decode, whose 16-row tiles hold only GROUP real rows; on the
-elements in prefill); see `_kv_tile`. Each token's steps and minima are loaded as one row
-(META_ROWS), which the pipeliner prefetches with the codes.
+elements in prefill); see `_kv_tile`. Each token's steps and minima are loaded as one row,
+which the pipeliner prefetches with the codes (a 2-byte load per group it could not).
 
 Rotation. Decode rotates Q in the prologue (Q · S, S the ±1 block-diagonal Hadamard sign
 matrix, a tensor-core dot, scaled by 1/sqrt(b) together with the softmax scale); prefill
@@ -159,14 +159,6 @@ def _codes_to_half(codes):
 
 
 @triton.jit
-def _group_meta(cache16_ptr, meta, grp, n_ok, MINIMA_OFFSET: tl.constexpr):
-    """fp32 (step, minimum) of quantization group `grp` for each token of a tile."""
-    step = tl.load(cache16_ptr + meta + grp, mask=n_ok, other=0.0)
-    lo = tl.load(cache16_ptr + meta + MINIMA_OFFSET + grp, mask=n_ok, other=0.0)
-    return step.to(tl.float32), lo.to(tl.float32)
-
-
-@triton.jit
 def _meta_rows(cache16_ptr, meta, n_ok, NG: tl.constexpr, MINIMA_OFFSET: tl.constexpr):
     """All NG (steps, minima) of each token of a tile as [TILE_N, NG] fp32 tiles.
 
@@ -197,7 +189,7 @@ def _kv_tile(
     BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
-    AFTER_DOT: tl.constexpr, META_ROWS: tl.constexpr,
+    AFTER_DOT: tl.constexpr,
 ):
     """One TILE_N-token step of the online softmax: returns the new (acc, m_i, l_i).
 
@@ -229,17 +221,12 @@ def _kv_tile(
     # scores = Σ_chunks q_chunk · dequant(k_chunk)ᵀ
     scores = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     k_codes = cache_ptr + k_region[None, :] + slot[None, :] * K_DP + kc[:, None]
-    if META_ROWS:
-        k_steps, k_minima = _meta_rows(cache16_ptr, k_meta, n_ok, NG, BLOCK_SIZE * NG)
+    k_steps, k_minima = _meta_rows(cache16_ptr, k_meta, n_ok, NG, BLOCK_SIZE * NG)
     for b in tl.static_range(K_NB):
         kbytes = tl.load(k_codes + b * K_CH, mask=n_ok[None, :], other=0).to(tl.int32)
         for i in tl.static_range(K_P):
-            if META_ROWS:
-                step = _column(k_steps, (i * K_DP + b * K_CH) // G, NG)
-                lo = _column(k_minima, (i * K_DP + b * K_CH) // G, NG)
-            else:
-                step, lo = _group_meta(cache16_ptr, k_meta, (i * K_DP + b * K_CH) // G,
-                                       n_ok, BLOCK_SIZE * NG)
+            step = _column(k_steps, (i * K_DP + b * K_CH) // G, NG)
+            lo = _column(k_minima, (i * K_DP + b * K_CH) // G, NG)
             if AFTER_DOT:
                 codes = _codes_to_half((kbytes >> (i * K_BITS)) & K_MASK)
                 raw = tl.dot(q_chunks[b * K_P + i], codes)
@@ -262,17 +249,12 @@ def _kv_tile(
     # acc_chunk = acc_chunk·alpha + p · dequant(v_chunk)
     v_codes = cache_ptr + v_region[:, None] + slot[:, None] * V_DP + vc[None, :]
     new_acc = ()
-    if META_ROWS:
-        v_steps, v_minima = _meta_rows(cache16_ptr, v_meta, n_ok, NG, BLOCK_SIZE * NG)
+    v_steps, v_minima = _meta_rows(cache16_ptr, v_meta, n_ok, NG, BLOCK_SIZE * NG)
     for b in tl.static_range(V_NB):
         vbytes = tl.load(v_codes + b * V_CH, mask=n_ok[:, None], other=0).to(tl.int32)
         for i in tl.static_range(V_P):
-            if META_ROWS:
-                step = _column(v_steps, (i * V_DP + b * V_CH) // G, NG)
-                lo = _column(v_minima, (i * V_DP + b * V_CH) // G, NG)
-            else:
-                step, lo = _group_meta(cache16_ptr, v_meta, (i * V_DP + b * V_CH) // G,
-                                       n_ok, BLOCK_SIZE * NG)
+            step = _column(v_steps, (i * V_DP + b * V_CH) // G, NG)
+            lo = _column(v_minima, (i * V_DP + b * V_CH) // G, NG)
             if AFTER_DOT:
                 codes = _codes_to_half((vbytes >> (i * V_BITS)) & V_MASK)
                 p_step = (p * step[None, :]).to(tl.float16)
@@ -302,7 +284,7 @@ def _attention_kernel(
     G: tl.constexpr, K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
     ROTATE: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, QROT_F16: tl.constexpr, AFTER_DOT: tl.constexpr, META_ROWS: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, QROT_F16: tl.constexpr, AFTER_DOT: tl.constexpr,
 ):
     K_P: tl.constexpr = 8 // K_BITS
     K_DP: tl.constexpr = D * K_BITS // 8      # code bytes per token = elements per slice
@@ -387,7 +369,7 @@ def _attention_kernel(
                 tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row,
                 kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
                 PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                AFTER_DOT, META_ROWS)
+                AFTER_DOT)
             tile += 1
     else:
         for tile in range(tile_lo, tile_hi):
@@ -395,7 +377,7 @@ def _attention_kernel(
                 tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row,
                 kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
                 PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                AFTER_DOT, META_ROWS)
+                AFTER_DOT)
 
     # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -507,9 +489,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         tile_n, stages = 64, 2
         warps = 8 if block_m >= 128 else 4
     # Decode (few real rows per 16-row tile) pays per element: steps after the dot. Prefill
-    # (64 real rows) pays per (row, token): steps on the elements. Both prefetch each
-    # token's steps/minima as one row.
-    variant = {"after_dot": decode, "meta_rows": True, "maxnreg": None}
+    # (64-128 real rows) pays per (row, token): steps on the elements.
+    variant = {"after_dot": decode, "maxnreg": None}
     if _TUNING:  # benchmarking/debugging overrides: {"tile_n": .., "warps": .., "stages": ..}
         tile_n = _TUNING.get("tile_n", tile_n)
         warps = _TUNING.get("warps", warps)
@@ -558,7 +539,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         V_REGION=layout.value.region_bytes, V_CH=min(g, d * recipe.value.bits // 8),
         ROTATE=rotate, ROTATE_Q=rotate_q, SPLIT=splits > 1, WHILE_LOOP=_interpreted(),
         QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
-        AFTER_DOT=variant["after_dot"], META_ROWS=variant["meta_rows"],
+        AFTER_DOT=variant["after_dot"],
         num_warps=warps, num_stages=stages,
         **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] and not _interpreted()
            else {}),
