@@ -11,7 +11,9 @@ unquantized cache on the same weights and windows. Final numbers come from
     python bench/kv_quant_ablation.py --corpus-file kjv.txt \\
         --recipes int4/g128/h64 int4/g128/none int2/g32/h64 int2/g32/h64/s4
 
-Recipe syntax: `int4|int2` / `g<group_size>` / `h<hadamard_block>|none`, then optionally
+`vllm-int4pth` emulates vLLM's own `int4_per_token_head` KV format (see
+`vllm_int4_per_token_head`). Recipe syntax: `int4|int2` / `g<group_size>` /
+`h<hadamard_block>|none`, then optionally
 `/s<N>` (the first N tokens of every window kept unquantized: attention sinks) and
 `/only-k` or `/only-v` (quantize one of the two, to see which one costs the quality), and
 `/kc<T>` (K quantized per channel over groups of T tokens, KIVI style; V stays token-wise),
@@ -58,11 +60,16 @@ class Variant:
     # Subtract a static per-(layer, head) K offset measured once on a different text
     # (--key-offsets, or this repository's README), the same for every sequence.
     key_calibrated: bool = False
+    # vLLM's own `int4_per_token_head` format instead of a recipe (see
+    # `vllm_int4_per_token_head`): the comparison the issue asks for, on the same model.
+    vllm_int4: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         if text in ("bf16", "none", "baseline"):
             return cls(text, None)
+        if text == "vllm-int4pth":
+            return cls(text, QuantRecipe(4, 32, None), vllm_int4=True)
         parts = text.split("/")
         try:
             bits = {"int4": 4, "int2": 2}[parts[0]]
@@ -106,19 +113,55 @@ def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
         elif variant.key_mean_tokens:
             offset = key[..., :variant.key_mean_tokens, :].float().mean(-2, keepdim=True)
             key = (key.float() - offset).to(key.dtype)
-        if not variant.quantize_k:
+        if variant.vllm_int4:
+            k_q = vllm_int4_per_token_head(key)
+        elif not variant.quantize_k:
             k_q = key.clone()
         elif variant.key_channel_tokens:
             k_q = channelwise_quantize_dequantize(key, variant.recipe,
                                                   variant.key_channel_tokens)
         else:
             k_q = quantize_dequantize(key, variant.recipe)
-        v_q = quantize_dequantize(value, variant.recipe) if variant.quantize_v else value.clone()
+        if variant.vllm_int4:
+            v_q = vllm_int4_per_token_head(value)
+        elif variant.quantize_v:
+            v_q = quantize_dequantize(value, variant.recipe)
+        else:
+            v_q = value.clone()
         if s:
             k_q[..., :s, :] = key[..., :s, :]
             v_q[..., :s, :] = value[..., :s, :]
         key, value = (k_q.float() + offset).to(k_q.dtype), v_q
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def vllm_int4_per_token_head(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize like vLLM 0.26's `--kv-cache-dtype int4_per_token_head`.
+
+    As its module docstring and write kernel describe the format
+    (`vllm/v1/attention/ops/int4_per_token_head.py`): one randomized Hadamard transform
+    over the whole head (a fixed random ±1 sign per channel, then Hadamard), the rotated
+    vector rounded back to the input dtype, then per (token, head) asymmetric INT4 with
+    scale = (max - min) / 15 and an *integer* zero point round(-min / scale) in [0, 15]
+    (rounding half away from zero). Attention sees Q and K in the same rotated basis,
+    so rotating the dequantized vector back is equivalent. (vLLM also hides the zero
+    point in the scale's 4 low mantissa bits, a < 2e-6 relative change, ignored here.)
+    """
+    from vllm_kvplug.quant.reference import hadamard_matrix
+
+    d = x.shape[-1]
+    gen = torch.Generator().manual_seed(0x9E3779B9)
+    signs = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1
+    h = hadamard_matrix(d, torch.float32)  # orthonormal and symmetric: its own inverse
+    xr = ((x.float() * signs) @ h).to(x.dtype).float()
+    lo, hi = xr.amin(-1, keepdim=True), xr.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-6)
+
+    def round_away(t):
+        return torch.sign(t) * torch.floor(t.abs() + 0.5)
+    zero = round_away(-lo / scale).clamp(0, 15)
+    codes = round_away(xr / scale + zero).clamp(0, 15)
+    return (((codes - zero) * scale) @ h * signs).to(x.dtype)
 
 
 def channelwise_quantize_dequantize(x: torch.Tensor, recipe: QuantRecipe,
@@ -144,6 +187,8 @@ def mean_bytes_per_vector(variant: Variant, head_size: int) -> float:
     r = variant.recipe
     if r is None:
         return head_size * 2
+    if variant.vllm_int4:  # packed nibbles + one fp32 scale (zero point inside)
+        return head_size / 2 + 4
     v_bytes = r.bytes_per_vector(head_size) if variant.quantize_v else head_size * 2
     if not variant.quantize_k:
         k_bytes = head_size * 2
@@ -213,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     head_size = getattr(model.config, "head_dim", None) or head_size
     for variant in ns.recipes:
         try:
-            variant.recipe.check_head_size(head_size)
+            if not variant.vllm_int4:
+                variant.recipe.check_head_size(head_size)
         except ValueError as e:
             p.error(f"recipe {variant.label}: {e}")
 

@@ -137,3 +137,29 @@ def test_channelwise_key_quantization():
     const = torch.ones(1, 16, 64) * torch.arange(64.0)  # constant over tokens: exact
     torch.testing.assert_close(channelwise_quantize_dequantize(const, recipe, 16), const)
     assert mean_bytes_per_vector(Variant.parse("int4/g64/h64/kc16"), 64) == (48 + 36) / 2
+
+
+def test_vllm_int4_per_token_head_emulation():
+    """The emulation of vLLM's format: a vector already on its grid (integer zero point,
+    scale (max-min)/15, after the randomized Hadamard) comes back unchanged; a Gaussian
+    one comes back with the error of 16 levels; 36 bytes a head-64 vector."""
+    import torch
+    from kv_quant_ablation import Variant, mean_bytes_per_vector, vllm_int4_per_token_head
+
+    from vllm_kvplug.quant.reference import hadamard_matrix
+
+    d = 64
+    gen = torch.Generator().manual_seed(0x9E3779B9)  # the emulation's sign vector
+    signs = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1
+    h = hadamard_matrix(d)
+    codes = torch.randint(0, 16, (5, d), generator=torch.Generator().manual_seed(1)).float()
+    codes[:, 0], codes[:, 1] = 0, 15  # min and max on the grid's ends
+    zero, scale = 3.0, 0.25
+    on_grid = (((codes - zero) * scale) @ h) * signs  # rotated back to the model's basis
+    torch.testing.assert_close(vllm_int4_per_token_head(on_grid), on_grid, atol=1e-5, rtol=0)
+
+    x = torch.randn(200, d, generator=torch.Generator().manual_seed(2))
+    err = (vllm_int4_per_token_head(x) - x).norm() / x.norm()
+    assert 0.02 < err < 0.15, err
+    variant = Variant.parse("vllm-int4pth")
+    assert variant.vllm_int4 and mean_bytes_per_vector(variant, d) == 36
