@@ -1,6 +1,7 @@
 """Static per-(layer, KV head) K offsets: the write subtracts them, attention is unchanged,
 files are checked, profiles validate the option, the backend binds them per layer."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -106,6 +107,9 @@ def offsets_file(tmp_path, layers=3, heads=2, d=64, name="ko.safetensors", **met
 
 def test_file_round_trip_and_metadata(tmp_path):
     path, data = offsets_file(tmp_path, tokens=100)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a server's user
     loaded = load_key_offsets(path)
     assert torch.equal(loaded.offsets, data)
     assert (loaded.num_layers, loaded.num_kv_heads, loaded.head_size) == (3, 2, 64)
