@@ -163,3 +163,39 @@ def test_vllm_int4_per_token_head_emulation():
     assert 0.02 < err < 0.15, err
     variant = Variant.parse("vllm-int4pth")
     assert variant.vllm_int4 and mean_bytes_per_vector(variant, d) == 36
+
+
+def test_load_trace_phases_and_summary():
+    """The shifting trace: phases back to back with Poisson arrivals inside their window,
+    no shared prompt prefixes; the summary counts SLO misses and failures per phase."""
+    import pytest
+    from load import Phase, make_trace, request_rows, summarize
+
+    phases = [Phase.parse("quiet:10:1:64:8"), Phase.parse("burst:5:20:512:8")]
+    trace = make_trace(phases, seed=1)
+    assert trace == make_trace(phases, seed=1) and trace != make_trace(phases, seed=2)
+    quiet = [e for e in trace if e["phase"] == "quiet"]
+    burst = [e for e in trace if e["phase"] == "burst"]
+    assert 3 <= len(quiet) <= 20 and 60 <= len(burst) <= 140   # ~10 and ~100 expected
+    assert all(0 <= e["timestamp"] < 10 for e in quiet)
+    assert all(10 <= e["timestamp"] < 15 for e in burst)
+    assert [e["timestamp"] for e in trace] == sorted(e["timestamp"] for e in trace)
+    ids = [h for e in trace for h in e["hash_ids"]]
+    assert len(ids) == len(set(ids)) and len(burst[0]["hash_ids"]) == 32
+    assert len(make_trace(phases, seed=1, time_scale=0.5)) < len(trace)
+    with pytest.raises(Exception):
+        Phase.parse("quiet:10:0:64:8")
+
+    small = [{"phase": "a"}, {"phase": "a"}, {"phase": "b"}, {"phase": "b"}]
+    detailed = {"ttfts": [0.1, 0.5, 0.2, 0.0], "itls": [[0.01, 0.03], [0.01], [0.2], []],
+                "errors": ["", "", "", "boom"], "output_lens": [3, 2, 2, 0]}
+    rows = request_rows(small, detailed)
+    assert [r["ok"] for r in rows] == [True, True, True, False]
+    assert rows[0]["tpot_ms"] == pytest.approx(20.0)
+    s = {x["phase"]: x for x in summarize(rows, [Phase("a", 2, 1, 8, 8), Phase("b", 4, 1, 8, 8)],
+                                          slo_ttft_ms=300, slo_tpot_ms=50)}
+    assert s["a"]["slo_attainment"] == 0.5 and s["a"]["goodput_req_per_s"] == 0.5  # TTFT miss
+    assert s["b"]["slo_attainment"] == 0.0 and s["b"]["failed"] == 1  # TPOT miss + failure
+    assert s["all"]["requests"] == 4 and s["all"]["goodput_req_per_s"] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError):
+        request_rows(small[:3], detailed)
