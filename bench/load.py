@@ -7,12 +7,15 @@ replays it against a running server with vLLM's own client (`vllm bench serve
 streaming TTFT and inter-token latencies), and splits the per-request results by phase:
 requests, failures, SLO attainment (share of requests with TTFT and TPOT within the
 targets; a failed request misses), goodput (requests within the SLO per second of the
-phase), TTFT and TPOT. One run measures one server (one static profile); `compare`
-prints several runs side by side.
+phase), TTFT and TPOT. `run` measures one running server (one static profile); `sweep`
+starts one server per profile in turn and replays the same trace against each; `compare`
+prints runs side by side.
 
     python bench/load.py run --base-url http://127.0.0.1:8000 --model NAME \\
         --tokenizer MODEL_DIR --label int4-hadamard --slo-ttft-ms 2000 --slo-tpot-ms 100
     python bench/load.py compare results/load-none.json results/load-int4-hadamard.json
+    python bench/load.py sweep --model-path MODEL_DIR --tokenizer MODEL_DIR \\
+        --profiles none int4-hadamard k8v4-hadamard --server-args "--max-model-len 16384"
 
 `--phases NAME:SECONDS:REQ_PER_S:PROMPT_TOKENS:OUTPUT_TOKENS ...` replaces the default
 trace (sized for an 8B model on an H100); `--time-scale` stretches or shrinks every phase.
@@ -24,6 +27,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_configs import markdown_table  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 CHUNK_TOKENS = 16  # tokens per trace hash id (vLLM's --timed-trace-chunk-hash-size)
 
@@ -86,11 +91,11 @@ def make_trace(phases: list[Phase], seed: int = 0, time_scale: float = 1.0) -> l
     return entries
 
 
-def bench_serve_command(trace_path: Path, num_requests: int, args, result_dir: Path,
-                        result_name: str) -> list[str]:
+def bench_serve_command(trace_path: Path, num_requests: int, args, base_url: str,
+                        result_dir: Path, result_name: str) -> list[str]:
     """vLLM's serving benchmark replaying the trace (its client, its goodput)."""
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
-            "--backend", "vllm", "--base-url", args.base_url, "--model", args.model,
+            "--backend", "vllm", "--base-url", base_url, "--model", args.model,
             "--tokenizer", args.tokenizer, "--dataset-name", "timed_trace",
             "--dataset-path", str(trace_path),
             "--timed-trace-chunk-hash-size", str(CHUNK_TOKENS),
@@ -167,7 +172,8 @@ def table(runs: list[dict]) -> str:
                            "p90 TPOT ms"], rows)
 
 
-def run(args) -> int:
+def replay(args, base_url: str, label: str) -> dict:
+    """Replay the trace against one server; the result of one configuration."""
     phases = args.phases or DEFAULT_PHASES
     trace = make_trace(phases, args.seed, args.time_scale)
     if not trace:
@@ -176,7 +182,7 @@ def run(args) -> int:
         tmp = Path(tmp)
         trace_path = tmp / "trace.jsonl"
         trace_path.write_text("".join(json.dumps(e) + "\n" for e in trace))
-        cmd = bench_serve_command(trace_path, len(trace), args, tmp, "result.json")
+        cmd = bench_serve_command(trace_path, len(trace), args, base_url, tmp, "result.json")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
         if proc.returncode != 0 or not (tmp / "result.json").exists():
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -184,39 +190,80 @@ def run(args) -> int:
         detailed = json.loads((tmp / "result.json").read_text())
     summary = summarize(request_rows(trace, detailed), phases, args.slo_ttft_ms,
                         args.slo_tpot_ms, args.time_scale)
-    result = {"label": args.label, "base_url": args.base_url, "model": args.model,
-              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
-              "time_scale": args.time_scale, "seed": args.seed,
-              "trace": [asdict(p) for p in phases], "phases": summary,
-              "vllm_request_goodput": detailed.get("request_goodput")}
-    print(table([result]))
-    out = Path(args.out)
+    return {"label": label, "base_url": base_url, "model": args.model,
+            "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+            "time_scale": args.time_scale, "seed": args.seed,
+            "trace": [asdict(p) for p in phases], "phases": summary,
+            "vllm_request_goodput": detailed.get("request_goodput")}
+
+
+def write(results: list[dict], out: Path) -> None:
+    print(table(results))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     print(f"wrote {out}")
+
+
+def run(args) -> int:
+    write([replay(args, args.base_url, args.label)], Path(args.out))
+    return 0
+
+
+def sweep(args) -> int:
+    """One server per profile, one after the other, the same trace against each."""
+    results = []
+    out = Path(args.out)
+    for profile in args.profiles:
+        label = Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile
+        server = ServerProcess(
+            ["--model", args.model_path, "--served-model-name", args.model,
+             "--kv-compression", profile, *shlex.split(args.server_args)],
+            out.parent / f"server-{label}.log")
+        try:
+            server.wait_ready(args.ready_timeout_s)
+            results.append(replay(args, server.url, label))
+        finally:
+            server.stop()
+    write(results, out)
     return 0
 
 
 def compare(paths: list[str]) -> int:
-    print(table([json.loads(Path(p).read_text()) for p in paths]))
+    runs = []
+    for path in paths:
+        loaded = json.loads(Path(path).read_text())
+        runs.extend(loaded if isinstance(loaded, list) else [loaded])
+    print(table(runs))
     return 0
+
+
+def _trace_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (prompt tokens)")
+    parser.add_argument("--phases", nargs="+", type=Phase.parse, default=None)
+    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000)
+    parser.add_argument("--slo-tpot-ms", type=float, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=3600, help="per replay")
+    parser.add_argument("--out", default="bench/results/load.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="replay the trace against one server")
+    r = sub.add_parser("run", help="replay the trace against one running server")
     r.add_argument("--base-url", required=True)
     r.add_argument("--model", required=True, help="the server's model name")
-    r.add_argument("--tokenizer", required=True, help="tokenizer folder (prompt tokens)")
     r.add_argument("--label", required=True, help="name of this configuration, e.g. profile")
-    r.add_argument("--phases", nargs="+", type=Phase.parse, default=None)
-    r.add_argument("--time-scale", type=float, default=1.0)
-    r.add_argument("--slo-ttft-ms", type=float, default=2000)
-    r.add_argument("--slo-tpot-ms", type=float, default=100)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--timeout-s", type=float, default=3600)
-    r.add_argument("--out", default="bench/results/load.json")
+    _trace_options(r)
+    w = sub.add_parser("sweep", help="start one server per profile and replay against each")
+    w.add_argument("--model-path", required=True, help="model folder for the servers")
+    w.add_argument("--model", default="model", help="served model name")
+    w.add_argument("--profiles", nargs="+", required=True,
+                   help="--kv-compression values (built-in names or YAML files)")
+    w.add_argument("--server-args", default="", help="more `vllm serve` options, one string")
+    w.add_argument("--ready-timeout-s", type=float, default=900)
+    _trace_options(w)
     c = sub.add_parser("compare", help="print several runs side by side")
     c.add_argument("results", nargs="+")
     args = p.parse_args(argv)
@@ -224,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return compare(args.results)
     if args.time_scale <= 0:
         p.error("--time-scale must be > 0")
-    return run(args)
+    return run(args) if args.command == "run" else sweep(args)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from server_process import ServerProcess, free_port  # noqa: E402,F401
+from server_process import server_command as bench_server_command  # noqa: E402
+
 READY_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answer(reply: dict) -> str:
@@ -34,40 +29,22 @@ def cpu_env() -> dict[str, str]:
     return env
 
 
-def server_command(model: Path, port: int, extra: list[str]) -> list[str]:
+def model_args(model: Path, extra: list[str]) -> list[str]:
     # float32: this Q4_1-derived model answers nonsense in bf16 on the CPU backend.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", *extra]
+    return ["--model", str(model), "--served-model-name", "smollm2", "--dtype", "float32",
+            "--enforce-eager", "--max-model-len", "2048", *extra]
 
 
-class Server:
+def server_command(model: Path, port: int, extra: list[str]) -> list[str]:
+    return bench_server_command(port, model_args(model, extra))
+
+
+class Server(ServerProcess):
+    """The small real model served on the CPU, ready when constructed."""
+
     def __init__(self, model: Path, extra: list[str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(server_command(model, self.port, extra), env=cpu_env(),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        super().__init__(model_args(model, extra), log_path, env=cpu_env())
+        self.wait_ready(READY_TIMEOUT_S)
 
     def chat(self, content: str, max_tokens: int = 30, **extra) -> dict:
         body = {"model": "smollm2", "temperature": 0, "max_tokens": max_tokens,
@@ -76,13 +53,3 @@ class Server:
 
     def metrics(self) -> str:
         return requests.get(self.url + "/metrics", timeout=10).text
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()

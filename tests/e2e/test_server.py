@@ -50,32 +50,6 @@ def test_log_names_active_profile(server_with_profile):
         server_with_profile.log_path.read_text()
 
 
-def test_load_generator_replays_a_shifting_trace(server_with_profile, smollm2_path, tmp_path):
-    """bench/load.py drives vLLM's own client through a two-phase trace against the server
-    and reports every request of every phase (a short trace: CPU, tiny model)."""
-    import json
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "load.json"
-    load_py = Path(__file__).resolve().parents[2] / "bench" / "load.py"
-    proc = subprocess.run(
-        [sys.executable, str(load_py), "run", "--base-url", server_with_profile.url,
-         "--model", "smollm2", "--tokenizer", str(smollm2_path), "--label", "none",
-         "--phases", "quiet:3:1:48:4", "chats:2:3:16:4", "--slo-ttft-ms", "60000",
-         "--slo-tpot-ms", "60000", "--out", str(out), "--timeout-s", "300"],
-        capture_output=True, text=True, timeout=400, env=cpu_env())
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    phases = {p["phase"]: p for p in result["phases"]}
-    assert set(phases) == {"quiet", "chats", "all"}
-    assert phases["all"]["requests"] == phases["quiet"]["requests"] + phases["chats"]["requests"]
-    assert phases["all"]["requests"] > 0 and phases["all"]["failed"] == 0
-    # generous SLOs: every request meets them; its latencies are real measurements
-    assert phases["all"]["slo_attainment"] == 1.0
-    assert 0 < phases["all"]["mean_ttft_ms"] < 60000 and phases["all"]["mean_tpot_ms"] > 0
-
-
 def test_without_flag_vllm_is_untouched(server_with_profile, server_without_flag):
     assert "kvplug_" not in server_without_flag.metrics()
     assert "vllm-kvplug: profile" not in server_without_flag.log_path.read_text()
