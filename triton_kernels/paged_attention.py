@@ -277,7 +277,7 @@ def _attention_kernel(
     q_ptr, q_stride_t, q_stride_h, o_ptr, o_stride_t, o_stride_h,
     cache_ptr, cache16_ptr, s_ptr,
     bt_ptr, bt_stride, seq_lens_ptr, qsl_ptr, num_seqs,
-    ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits, num_splits,
+    ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, num_splits,
     q_scale, out_scale,
     D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr,
@@ -382,7 +382,7 @@ def _attention_kernel(
     # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     if SPLIT:
-        base = ((r_t * ws_heads + r_head) * ws_splits + split)
+        base = ((r_t * ws_heads + r_head) * num_splits + split)
         dst = ws_out_ptr + base * D
         tl.store(ws_max_ptr + base, m_i, mask=r_ok)
         tl.store(ws_sum_ptr + base, l_i, mask=r_ok)
@@ -409,7 +409,7 @@ def _attention_kernel(
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
-    o_ptr, o_stride_t, o_stride_h, ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, ws_splits,
+    o_ptr, o_stride_t, o_stride_h, ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads,
     qsl_ptr, num_seqs, num_splits,
     D: tl.constexpr, SPLITS_POW2: tl.constexpr,
 ):
@@ -420,7 +420,7 @@ def _merge_splits_kernel(
         return  # padding row
     s = tl.arange(0, SPLITS_POW2)
     s_ok = s < num_splits
-    base = (t.to(tl.int64) * ws_heads + h) * ws_splits
+    base = (t.to(tl.int64) * ws_heads + h) * num_splits
     m = tl.load(ws_max_ptr + base + s, mask=s_ok, other=float("-inf"))
     l = tl.load(ws_sum_ptr + base + s, mask=s_ok, other=0.0)
     m_all = tl.max(m, axis=0)
@@ -519,17 +519,17 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         q_scale = scale * LOG2E
     if splits > 1:  # rows (token, head, split) with the split count as the stride
         ws_out, ws_max, ws_sum = workspace.out, workspace.max, workspace.sum
-        ws_heads, ws_splits = workspace.num_heads, splits
+        ws_heads = workspace.num_heads
     else:
         ws_out = ws_max = ws_sum = output  # unused
-        ws_heads = ws_splits = 1
+        ws_heads = 1
 
     grid = (num_tokens // block_q + num_seqs, kv_heads, splits)
-    compiled = _attention_kernel[grid](
+    _attention_kernel[grid](
         q_in, q_in.stride(0), q_in.stride(1), output, output.stride(0), output.stride(1),
         cache, cache.view(torch.float16), signs,
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
-        ws_out, ws_max, ws_sum, ws_heads, ws_splits, splits,
+        ws_out, ws_max, ws_sum, ws_heads, splits,
         q_scale, inv_sqrt_b,
         D=d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, G=g,
@@ -544,12 +544,10 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] and not _interpreted()
            else {}),
     )
-    if _TUNING:
-        _TUNING["_compiled"] = compiled
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             output, output.stride(0), output.stride(1), ws_out, ws_max, ws_sum,
-            ws_heads, ws_splits, query_start_loc, num_seqs, splits,
+            ws_heads, query_start_loc, num_seqs, splits,
             # one compiled variant for every split count up to 64 (no JIT as lengths grow)
             D=d, SPLITS_POW2=max(64, _pow2(splits)), num_warps=4,
         )
