@@ -174,18 +174,30 @@ VARIANTS = {
 }
 
 
-def with_variant(tk, variant: str, fn):
-    """Run fn() with the named variant's launch overrides, restoring the launcher after."""
+def with_tuning(tuning: dict, fn):
+    """Run fn() with these launch overrides (`paged_attention._TUNING`), restoring the
+    launcher after."""
     # the module (the package attribute of the same name is the function)
     pa = sys.modules["vllm_kvplug.triton_kernels.paged_attention"]
     saved = dict(pa._TUNING)
     pa._TUNING.clear()
-    pa._TUNING.update(VARIANTS[variant])
+    pa._TUNING.update(tuning)
     try:
         return fn()
     finally:
         pa._TUNING.clear()
         pa._TUNING.update(saved)
+
+
+def with_variant(variant: str, fn):
+    """Run fn() with the named variant's launch overrides."""
+    return with_tuning(VARIANTS[variant], fn)
+
+
+def write_json(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
 
 
 SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 9, 12, 16, 24, 32, 48)
@@ -206,8 +218,7 @@ def launch_sweep(tk, device, smoke, profiles, hq, h, d, bs, decode_shapes, prefi
 
             def time_it(tuning, splits):
                 ws = tk.AttentionWorkspace(batch * max(splits, 1), hq, d, device)
-                VARIANTS["_sweep"] = tuning
-                return with_variant(tk, "_sweep", lambda: timed(
+                return with_tuning(tuning, lambda: timed(
                     lambda: s.run(tk, workspace=ws, num_splits=splits), device, smoke))
             first = time_it({}, auto)
             for tile in (32, 64):
@@ -225,16 +236,14 @@ def launch_sweep(tk, device, smoke, profiles, hq, h, d, bs, decode_shapes, prefi
         for seq_len, q_len, nseq in prefill_cases:
             s = Setup(tk, layout, hq, [seq_len] * nseq, [q_len] * nseq, device)
             for block_m, tile, warps, stages in SWEEP_PREFILL:
-                VARIANTS["_sweep"] = {"block_m": block_m, "tile_n": tile, "warps": warps,
-                                      "stages": stages}
-                sec = with_variant(tk, "_sweep", lambda: timed(lambda: s.run(tk), device,
-                                                                 smoke))
+                tuning = {"block_m": block_m, "tile_n": tile, "warps": warps,
+                          "stages": stages}
+                sec = with_tuning(tuning, lambda: timed(lambda: s.run(tk), device, smoke))
                 rows.append({"kind": "prefill", "profile": profile, "seqs": nseq,
                              "q_len": q_len, "seq_len": seq_len, "block_m": block_m,
                              "tile_n": tile, "warps": warps, "stages": stages,
                              "time_us": sec * 1e6})
             del s
-    VARIANTS.pop("_sweep", None)
     return rows
 
 
@@ -302,10 +311,7 @@ def main(argv=None) -> int:
                                        decode_shapes, prefill_cases)
         for r in result["sweep"]:
             print(json.dumps(r))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {out}")
+        write_json(result, Path(args.out))
         return 0
 
     # 1. correctness at full size
@@ -319,7 +325,7 @@ def main(argv=None) -> int:
                 if s.max_query_len == 1:  # the split path, forced, against the same reference
                     runs += [(v, 4) for v in args.variants]
                 for variant, forced in runs:
-                    got = with_variant(tk, variant, lambda: s.run(tk, num_splits=forced))
+                    got = with_variant(variant, lambda: s.run(tk, num_splits=forced))
                     err = (got.float().cpu() - want).abs()
                     result["correctness"].append({
                         "profile": profile, "variant": variant,
@@ -340,7 +346,7 @@ def main(argv=None) -> int:
             nbytes = s.pages_read * layout.page_bytes
             base_sec, base_bytes = bf16_decode_baseline(batch, ctx, hq, h, d, device, args.smoke)
             for variant in args.variants:
-                sec = with_variant(tk, variant, lambda: timed(
+                sec = with_variant(variant, lambda: timed(
                     lambda: s.run(tk, workspace=ws), device, args.smoke))
                 ppsm = VARIANTS[variant].get("programs_per_sm")
                 result["decode"].append({
@@ -355,7 +361,7 @@ def main(argv=None) -> int:
                     "speedup_vs_bf16": base_sec / sec})
             del s, ws
 
-    # prefill chunk time (no baseline of the same causal shape in SDPA: report TFLOP/s)
+    # prefill chunk time and TFLOP/s, against bf16 SDPA on the same causal shape
     for seq_len, q_len, nseq in (prefill_cases if args.only in (None, "prefill") else []):
         pairs = nseq * (q_len * (seq_len - q_len) + q_len * (q_len + 1) / 2)  # causal pairs
         flops = 4 * pairs * hq * d
@@ -364,7 +370,7 @@ def main(argv=None) -> int:
             layout = make_layout(profile, h, d, bs)
             s = Setup(tk, layout, hq, [seq_len] * nseq, [q_len] * nseq, device)
             for variant in args.variants:
-                sec = with_variant(tk, variant, lambda: timed(lambda: s.run(tk), device,
+                sec = with_variant(variant, lambda: timed(lambda: s.run(tk), device,
                                                                 args.smoke))
                 result["prefill"].append({
                     "profile": profile, "variant": variant, "seqs": nseq, "q_len": q_len,
@@ -395,10 +401,7 @@ def main(argv=None) -> int:
                                 "slowdown_vs_bf16_copy": sec / base})
 
     print_tables(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_json(result, Path(args.out))
     return 0 if all(c["ok"] for c in result["correctness"]) else 1
 
 
