@@ -47,7 +47,7 @@ ATTENTION_NAME = "kvplug_fake_quant"
 @dataclass(frozen=True)
 class Variant:
     label: str
-    recipe: QuantRecipe | None  # None: unquantized baseline
+    recipe: QuantRecipe | None  # None: unquantized baseline (or vLLM's format, below)
     sink_tokens: int = 0
     quantize_k: bool = True
     quantize_v: bool = True
@@ -64,12 +64,16 @@ class Variant:
     # `vllm_int4_per_token_head`): the comparison the issue asks for, on the same model.
     vllm_int4: bool = False
 
+    @property
+    def quantizes(self) -> bool:
+        return self.recipe is not None or self.vllm_int4
+
     @classmethod
     def parse(cls, text: str) -> Variant:
         if text in ("bf16", "none", "baseline"):
             return cls(text, None)
         if text == "vllm-int4pth":
-            return cls(text, QuantRecipe(4, 32, None), vllm_int4=True)
+            return cls(text, None, vllm_int4=True)
         parts = text.split("/")
         try:
             bits = {"int4": 4, "int2": 2}[parts[0]]
@@ -104,7 +108,7 @@ def fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     variant = _ACTIVE[0]
-    if variant is not None and variant.recipe is not None:
+    if variant is not None and variant.quantizes:
         s = variant.sink_tokens
         offset = 0.0
         if variant.key_calibrated:
@@ -184,11 +188,11 @@ def channelwise_quantize_dequantize(x: torch.Tensor, recipe: QuantRecipe,
 
 def mean_bytes_per_vector(variant: Variant, head_size: int) -> float:
     """Mean of the K and V bytes per (token, head) vector, metadata included."""
+    if variant.vllm_int4:  # packed nibbles + one fp32 scale (zero point inside)
+        return head_size / 2 + 4
     r = variant.recipe
     if r is None:
         return head_size * 2
-    if variant.vllm_int4:  # packed nibbles + one fp32 scale (zero point inside)
-        return head_size / 2 + 4
     v_bytes = r.bytes_per_vector(head_size) if variant.quantize_v else head_size * 2
     if not variant.quantize_k:
         k_bytes = head_size * 2
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     head_size = getattr(model.config, "head_dim", None) or head_size
     for variant in ns.recipes:
         try:
-            if not variant.vllm_int4:
+            if variant.recipe is not None:
                 variant.recipe.check_head_size(head_size)
         except ValueError as e:
             p.error(f"recipe {variant.label}: {e}")
