@@ -300,6 +300,18 @@ class _FakeAttention:
         self.layer_idx = layer_idx
 
 
+def _evicting_attention(k_prompt, v_prompt, keep, query, k_new, v_new):
+    """`evicting_attention` of layer 0 with this prompt K/V and keep mask (state reset)."""
+    ablation.STATE.prompt_kv = {0: (k_prompt, v_prompt)}
+    ablation.STATE.keep, ablation.STATE.new_kv = [keep], {}
+    try:
+        out, _ = ablation.evicting_attention(_FakeAttention(0), query, k_new, v_new, None,
+                                             scaling=query.shape[-1] ** -0.5)
+    finally:
+        ablation.STATE.keep, ablation.STATE.new_kv, ablation.STATE.prompt_kv = None, {}, {}
+    return out
+
+
 def test_attention_sees_exactly_the_kept_tokens_per_head():
     """`_attend_kept` (shared prompt K/V, per-row per-head masks) == explicit masked
     attention over [prompt, new tokens] with the reference `visibility_mask`."""
@@ -310,13 +322,7 @@ def test_attention_sees_exactly_the_kept_tokens_per_head():
     keep[..., 0] = True
     query = torch.randn(rows, hq, q_len, d)
     k_new, v_new = torch.randn(rows, hkv, q_len, d), torch.randn(rows, hkv, q_len, d)
-    ablation.STATE.prompt_kv = {0: (k_prompt, v_prompt)}
-    ablation.STATE.keep, ablation.STATE.new_kv = [keep], {}
-    try:
-        out, _ = ablation.evicting_attention(_FakeAttention(0), query, k_new, v_new, None,
-                                             scaling=d ** -0.5)
-    finally:
-        ablation.STATE.keep, ablation.STATE.new_kv, ablation.STATE.prompt_kv = None, {}, {}
+    out = _evicting_attention(k_prompt, v_prompt, keep, query, k_new, v_new)
     k_all = torch.cat([k_prompt.expand(rows, -1, -1, -1), k_new], 2)
     v_all = torch.cat([v_prompt.expand(rows, -1, -1, -1), v_new], 2)
     mask = ablation.visibility_mask(keep, q_len, s + q_len, hq // hkv)
@@ -332,13 +338,7 @@ def test_attention_sees_exactly_the_kept_tokens_per_head():
     v_prompt2 = v_prompt.clone()
     dropped = (~keep[2, 0]).nonzero()[0, 0]
     v_prompt2[0, 0, dropped] += 100.0
-    ablation.STATE.prompt_kv = {0: (k_prompt, v_prompt2)}
-    ablation.STATE.keep, ablation.STATE.new_kv = [keep], {}
-    try:
-        out2, _ = ablation.evicting_attention(_FakeAttention(0), query, k_new, v_new, None,
-                                              scaling=d ** -0.5)
-    finally:
-        ablation.STATE.keep, ablation.STATE.new_kv, ablation.STATE.prompt_kv = None, {}, {}
+    out2 = _evicting_attention(k_prompt, v_prompt2, keep, query, k_new, v_new)
     assert torch.equal(out2[2, :, :3], out[2, :, :3])  # row 2, query heads 0-2 (KV head 0)
 
 
