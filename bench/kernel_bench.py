@@ -33,8 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vllm_kvplug.quant.paged import PagedLayout, attention_reference  # noqa: E402
+from vllm_kvplug.quant.paged import (PagedLayout, attention_reference,  # noqa: E402
+                                     write_reference)
 from vllm_kvplug.quant.recipe import KVRecipe, QuantRecipe  # noqa: E402
+from vllm_kvplug.quant.reference import unpack  # noqa: E402
 
 
 def load_kernels():
@@ -247,6 +249,36 @@ def launch_sweep(tk, device, smoke, profiles, hq, h, d, bs, decode_shapes, prefi
     return rows
 
 
+def key_offset_write_check(tk, layout: PagedLayout, tokens: int, device) -> dict:
+    """The write kernel with a static K offset (`quantization.key_offsets`) against
+    `write_reference` (float32 on the CPU), at full size: K codes may differ by one step in
+    a few entries (bf16 rotation on the GPU vs float32), steps and minima by rounding."""
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    h, d, bs = layout.num_kv_heads, layout.head_size, layout.block_size
+    offset = 8 * torch.randn(h, d, generator=gen)  # a large per-(head, channel) component
+    key = (offset + torch.randn(tokens, h, d, generator=gen)).to(torch.bfloat16)
+    value = torch.randn(tokens, h, d, generator=gen).to(torch.bfloat16)
+    num_blocks = -(-tokens // bs) + 1
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:tokens]
+    want = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8)
+    write_reference(want, key, value, slots, layout, key_offset=offset)
+    got = torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8, device=device)
+    tk.write_kv(got, key.to(device), value.to(device), slots.to(device), layout,
+                key_offset=offset.to(device))
+    got = got.cpu()
+    (wc, ws, wm), (gc, gs, gm) = layout.views(want, "key"), layout.views(got, "key")
+    bits = layout.recipe.key.bits
+    code_diff = unpack(gc, bits).int() - unpack(wc, bits).int()
+    meta_err = max(((g.float() - w.float()).abs() / w.float().abs().clamp_min(1e-3)).max()
+                   .item() for g, w in ((gs, ws), (gm, wm)))
+    return {"case": f"write {tokens} tokens with key offset",
+            "max_abs_err": float(code_diff.abs().max()),
+            "mean_abs_err": float((code_diff != 0).float().mean()),
+            "meta_max_rel_err": meta_err,
+            "ok": bool(code_diff.abs().max() <= 1 and (code_diff != 0).float().mean() < 0.01
+                       and meta_err < 1e-2)}
+
+
 def bf16_prefill_baseline(q_len, seq_len, hq, d, device, smoke):
     """Seconds of bf16 SDPA (FlashAttention on a GPU) for q_len new tokens after
     seq_len - q_len cached ones (bottom-right causal mask as an explicit bias only when
@@ -335,6 +367,8 @@ def main(argv=None) -> int:
                 del s, got, want, err
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            check = key_offset_write_check(tk, layout, 64 if args.smoke else 4096, device)
+            result["correctness"].append({"profile": profile, "variant": "default", **check})
 
     # 2. decode time and bandwidth
     for profile in (profiles if args.only in (None, "decode") else []):

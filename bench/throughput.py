@@ -84,6 +84,7 @@ def measure(config: KVConfig, args: dict) -> dict:
             seed=args["seed"],
             disable_log_stats=not args["latency_stats"],
             **({"max_num_seqs": args["max_num_seqs"]} if args["max_num_seqs"] else {}),
+            **profiler_kwargs(config, args),
             **config.llm_kwargs(),
         )
         cache = llm.llm_engine.vllm_config.cache_config
@@ -93,14 +94,64 @@ def measure(config: KVConfig, args: dict) -> dict:
             "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
             "startup_s": round(time.perf_counter() - started, 1),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "workloads": run_workloads(llm, workloads, args),
+            "workloads": run_workloads(llm, workloads, args, profiler_dir(config, args)),
         }
     finally:
         stop_engine(llm)
     return result
 
 
-def run_workloads(llm, workloads: list[Workload], args: dict) -> list[dict]:
+def profiler_dir(config: KVConfig, args: dict) -> Path | None:
+    if not args.get("profile_dir"):
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in config.label)
+    return Path(args["profile_dir"]).resolve() / safe
+
+
+def profiler_kwargs(config: KVConfig, args: dict) -> dict:
+    """vLLM's torch profiler in the worker (`--profile-dir`): kernels only, no stacks."""
+    out = profiler_dir(config, args)
+    if out is None:
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    return {"profiler_config": {"profiler": "torch", "torch_profiler_dir": str(out),
+                                "torch_profiler_with_stack": False,
+                                "ignore_frontend": True}}
+
+
+# Kernel-name fragments of each category of GPU time, first match wins (lower case).
+KERNEL_CATEGORIES = (
+    ("attention", ("paged_attention", "attn", "flash", "fmha", "merge_split")),
+    ("kv write", ("write_kv", "reshape_and_cache", "concat_and_cache")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")),
+)
+
+
+def kernel_time_summary(trace: Path) -> dict:
+    """GPU kernel time of one torch-profiler trace, grouped by `KERNEL_CATEGORIES`, with
+    the ten most expensive kernels."""
+    import gzip
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as f:
+        events = json.load(f).get("traceEvents", [])
+    by_name: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"] / 1e3
+    categories = {name: 0.0 for name, _ in KERNEL_CATEGORIES} | {"other": 0.0}
+    for name, ms in by_name.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)),
+                   "other")
+        categories[cat] += ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return {"kernel_ms_total": round(sum(by_name.values()), 1),
+            "kernel_ms_by_category": {k: round(v, 1) for k, v in categories.items()},
+            "top_kernels_ms": [[name[:120], round(ms, 1)] for name, ms in top]}
+
+
+def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path | None = None
+                  ) -> list[dict]:
     from vllm import SamplingParams
 
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
@@ -114,6 +165,8 @@ def run_workloads(llm, workloads: list[Workload], args: dict) -> list[dict]:
         prompts = token_prompts(workload, vocab, args["seed"] + 7919 * index)
         params = SamplingParams(max_tokens=workload.output_len, ignore_eos=True,
                                 temperature=args["temperature"], seed=args["seed"])
+        if profile_to is not None:
+            llm.start_profile(profile_prefix=f"w{index}")
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
@@ -128,6 +181,12 @@ def run_workloads(llm, workloads: list[Workload], args: dict) -> list[dict]:
         }
         if args["latency_stats"]:
             entry.update(latency_summary(outputs))
+        if profile_to is not None:
+            llm.stop_profile()
+            traces = [p for p in profile_to.rglob("*.json*") if p.stat().st_mtime >= t0]
+            newest = max(traces, key=lambda p: p.stat().st_mtime, default=None)
+            entry["profile"] = (kernel_time_summary(newest) if newest
+                                else {"error": f"no new trace under {profile_to}"})
         entries.append(entry)
     return entries
 
@@ -200,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None,
                         help="per-configuration results (default: OUT_DIR/work)")
     parser.add_argument("--tag", default="throughput")
+    parser.add_argument("--profile-dir", default=None,
+                        help="profile every timed workload with vLLM's torch profiler "
+                             "(traces here; GPU kernel time by category in the JSON). "
+                             "Profiling slows the run: use its times for shares only")
     ns = parser.parse_args(argv)
 
     configs = [KVConfig.parse(c) for c in ns.configs]
@@ -208,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_memory_utilization": ns.gpu_memory_utilization,
         "max_model_len": ns.max_model_len, "max_num_seqs": ns.max_num_seqs,
         "enforce_eager": ns.enforce_eager, "latency_stats": ns.latency_stats,
-        "temperature": ns.temperature, "seed": ns.seed,
+        "temperature": ns.temperature, "seed": ns.seed, "profile_dir": ns.profile_dir,
     }
     out_dir = Path(ns.out_dir)
     results: dict[str, dict] = {}

@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from engine_configs import KVConfig, markdown_table  # noqa: E402
 from isolation import root_cause  # noqa: E402
-from throughput import Workload  # noqa: E402
+from throughput import Workload, kernel_time_summary  # noqa: E402
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -40,6 +40,26 @@ def test_workload_syntax():
     for bad in ("512x2048", "ax1+1", "0x1+1"):
         with pytest.raises(Exception):
             Workload.parse(bad)
+
+
+def test_kernel_time_summary_groups_gpu_kernels(tmp_path):
+    """`throughput.py --profile-dir`: kernel events summed per category, CPU ops ignored."""
+    import gzip
+    import json
+    events = [{"cat": "kernel", "name": "_paged_attention_kernel", "dur": 3000},
+              {"cat": "kernel", "name": "nvjet_tst_128x256_64x4", "dur": 5000},
+              {"cat": "kernel", "name": "_write_kv_kernel", "dur": 1000},
+              {"cat": "kernel", "name": "triton_poi_fused_silu_0", "dur": 500},
+              {"cat": "kernel", "name": "_paged_attention_kernel", "dur": 1000},
+              {"cat": "cpu_op", "name": "aten::mm", "dur": 99999}]
+    trace = tmp_path / "w0.pt.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = kernel_time_summary(trace)
+    assert summary["kernel_ms_total"] == 10.5
+    assert summary["kernel_ms_by_category"] == {"attention": 4.0, "kv write": 1.0,
+                                                "gemm": 5.0, "other": 0.5}
+    assert summary["top_kernels_ms"][0] == ["nvjet_tst_128x256_64x4", 5.0]
 
 
 def test_markdown_table():
