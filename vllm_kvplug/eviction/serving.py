@@ -1,0 +1,118 @@
+"""Worker-side eviction of one request, layer by layer, inside the attention forward.
+
+`EvictedRequest` holds what one request needs between forward steps: its `PackedPlan`,
+the observation-window queries of chunks that ended before the prompt did (per layer),
+and each layer's packed offsets once compacted. `attend` runs one layer's attention for
+the request's rows of a step (a prefill chunk or a decode token) at positions
+[start, start + Q):
+
+- rows before the prompt's end see the full cache (normal paged attention);
+- the step whose rows reach the prompt's end scores the layer (SnapKV window: the last
+  `window_tokens` prompt queries, from this chunk and the stash), selects the kept
+  tokens per KV head (`plan_layer`) and compacts them (`compact`), after those rows;
+- rows at or after the prompt's end see the packed prompt plus the tail
+  (`attention_packed`).
+
+So a chunk that runs past the prompt (a recompute after preemption prefills prompt and
+generated tokens together) computes its post-prompt rows exactly as the decode steps did
+the first time: they see the evicted cache. Pure PyTorch; the vLLM glue maps batch rows
+to requests (`vllm_kvplug.vllm_glue.eviction_rows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_kvplug.eviction.packed import (
+    PackedPlan,
+    attention_packed,
+    compact,
+    plan_layer,
+    read_prompt_keys,
+)
+from vllm_kvplug.eviction.policies import EvictionPolicy
+from vllm_kvplug.eviction.scoring import score_snapkv
+from vllm_kvplug.quant.paged import PagedLayout, attention_reference
+from vllm_kvplug.quant.reference import block_hadamard
+
+
+@dataclass
+class EvictedRequest:
+    """Eviction state of one request on one worker (all its layers)."""
+
+    policy: EvictionPolicy
+    plan: PackedPlan
+    num_layers: int
+    stash: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    offsets: dict[int, torch.Tensor] = field(default_factory=dict)
+    # kept (token, head) entries of the prompt per layer, tail included (for metrics)
+    kept_entries: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def window_start(self) -> int:
+        return self.plan.prompt_len - min(self.policy.window_tokens, self.plan.prompt_len)
+
+    def compacted(self, layer: int) -> bool:
+        return layer in self.offsets
+
+    def kept_fraction(self, num_kv_heads: int) -> float | None:
+        """Kept share of the prompt's (layer, token, head) entries, once all layers ran."""
+        if len(self.kept_entries) < self.num_layers:
+            return None
+        total = self.num_layers * num_kv_heads * self.plan.prompt_len
+        return sum(self.kept_entries.values()) / total
+
+    def attend(self, layer: int, query: torch.Tensor, start: int, cache: torch.Tensor,
+               layout: PagedLayout, block_ids: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of this request's rows query [Q, Hq, D] at positions
+        [start, start + Q) of layer `layer` (the step's K/V are already written)."""
+        prompt, rows = self.plan.prompt_len, query.shape[0]
+        end = start + rows
+        if start == 0:  # a new prefill (or a recompute after preemption) of this layer
+            self.stash.pop(layer, None)
+            self.offsets.pop(layer, None)
+        out = torch.empty_like(query)
+        before = min(max(prompt - start, 0), rows)
+        if before:
+            if self.compacted(layer):
+                raise RuntimeError(f"layer {layer}: prompt rows after compaction")
+            device = query.device
+            out[:before] = attention_reference(
+                query[:before], cache, block_ids[None], torch.tensor([start + before],
+                                                                     device=device),
+                torch.tensor([0, before], device=device), layout, scale)
+        lo, hi = max(start, self.window_start), min(end, prompt)
+        if hi > lo:
+            self.stash.setdefault(layer, []).append(query[lo - start:hi - start])
+        if start < prompt <= end:
+            self._evict(layer, cache, layout, block_ids, scale)
+        if before < rows:
+            if not self.compacted(layer):
+                raise RuntimeError(f"layer {layer}: rows after the prompt before eviction "
+                                   "(the chunk that ends the prompt was not seen)")
+            positions = torch.arange(start + before, end, device=query.device)
+            out[before:] = attention_packed(query[before:], positions, cache, layout,
+                                            block_ids, self.offsets[layer], self.plan, end,
+                                            scale)
+        return out
+
+    def _evict(self, layer: int, cache: torch.Tensor, layout: PagedLayout,
+               block_ids: torch.Tensor, scale: float) -> None:
+        prompt = self.plan.prompt_len
+        window = torch.cat(self.stash.pop(layer, []))
+        if window.shape[0] != prompt - self.window_start:
+            raise RuntimeError(f"layer {layer}: {window.shape[0]} observation-window "
+                               f"queries, expected {prompt - self.window_start}")
+        if self.policy.uses_scores:
+            keys = read_prompt_keys(cache, layout, block_ids, prompt)
+            q = block_hadamard(window.float(), layout.recipe.hadamard_block)
+            scores = score_snapkv(q.transpose(0, 1), keys, scale=scale)
+        else:
+            scores = torch.zeros(layout.num_kv_heads, prompt)  # only the shape is used
+        _, kept = plan_layer(self.policy, layer, self.num_layers, prompt, scores)
+        offsets = compact(cache, layout, block_ids, kept, self.plan)
+        self.offsets[layer] = offsets
+        tail = prompt - self.plan.tail_start
+        self.kept_entries[layer] = int(offsets[-1]) + tail * layout.num_kv_heads
