@@ -321,3 +321,61 @@ def test_kernel_bench_smoke(tmp_path):
     assert result["correctness"] and all(c["ok"] for c in result["correctness"])
     assert result["decode"] and result["write"]
     assert "| profile" in proc.stdout
+
+
+# ------------------------------------------------------------- fast code unpacking (PTX)
+
+def _emulate_unpack_asm(asm: str, word: int) -> list[float]:
+    """Run `_unpack_asm`'s PTX on one 32-bit input word: mov / prmt / lop3 / fma.f16x2
+    (the only instructions it uses), returning the four fp16 outputs ($0 low, $0 high,
+    $1 low, $1 high)."""
+    import re
+
+    import numpy as np
+    regs = {"$2": word}
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    def halves(x):
+        return np.array([x & 0xFFFF, x >> 16], dtype=np.uint16).view(np.float16)
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        op, _, args = line.strip().partition(" ")
+        if not op or op.startswith(".reg"):
+            continue
+        a = [x.strip() for x in args.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "prmt.b32":
+            src = val(a[1]).to_bytes(4, "little") + val(a[2]).to_bytes(4, "little")
+            sel = val(a[3])
+            regs[a[0]] = int.from_bytes(bytes(src[(sel >> 4 * i) & 7] for i in range(4)),
+                                        "little")
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA"  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "fma.rn.f16x2":
+            x, s, z = (halves(val(r)).astype(np.float32) for r in a[1:4])
+            out = (x * s + z).astype(np.float16).view(np.uint16)
+            regs[a[0]] = int(out[0]) | int(out[1]) << 16
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        assert re.fullmatch(r"[\w$]+", a[0])
+    return [float(h) for r in ("$0", "$1") for h in
+            np.array([regs[r] & 0xFFFF, regs[r] >> 16], dtype=np.uint16).view(np.float16)]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_asm_gives_exact_codes(bits):
+    """The GPU's inline-PTX unpacking (the interpreter runs the shift-and-mask path) turns
+    byte k of a packed word into output k, with the code of the requested bit slice."""
+    pa = sys.modules["vllm_kvplug.triton_kernels.paged_attention"]
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2 ** 32, (64,), generator=g, dtype=torch.int64).tolist()
+    words += [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF]
+    for slice_ in range(8 // bits):
+        asm = pa._unpack_asm(bits, slice_)
+        for word in words:
+            want = [(word >> (8 * k + bits * slice_)) & ((1 << bits) - 1) for k in range(4)]
+            assert _emulate_unpack_asm(asm, word) == want, (bits, slice_, hex(word))

@@ -22,8 +22,12 @@ accumulators (p · v_chunk). Softmax is the fp32 online softmax in base 2.
 
 Decode and prefill differ in where the per-token step and minimum are applied (AFTER_DOT:
 on the dot products in decode, whose 16-row tiles hold only GROUP real rows; on the
-elements in prefill); see `_kv_tile`. Each token's steps and minima are loaded as one row,
-which the pipeliner prefetches with the codes (a 2-byte load per group it could not).
+elements in prefill); see `_kv_tile`. Each token's steps and minima are loaded as 32-bit
+words (two halves each), which the pipeliner prefetches with cp.async together with the
+codes and the block-table entries (2-byte loads it left synchronous: two dependent global
+latencies a tile). On a GPU the codes become fp16 by inline PTX (`_unpack_asm`: one PRMT,
+LOP3 and HFMA2 per two codes). Tiles below a query block's diagonal skip the causal mask
+(prefill; decode keeps one loop, as a second copy costs registers and occupancy).
 
 Rotation. Decode rotates Q in the prologue (Q · S, S the ±1 block-diagonal Hadamard sign
 matrix, a tensor-core dot, scaled by 1/sqrt(b) together with the softmax scale); prefill
@@ -158,38 +162,113 @@ def _codes_to_half(codes):
     return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
 
-@triton.jit
-def _meta_rows(cache16_ptr, meta, n_ok, NG: tl.constexpr, MINIMA_OFFSET: tl.constexpr):
-    """All NG (steps, minima) of each token of a tile as [TILE_N, NG] fp32 tiles.
+def _unpack_asm(bits: int, slice_: int) -> str:
+    """PTX for `tl.inline_asm_elementwise(..., pack=4)`: the codes of bit slice `slice_`
+    of 4 packed bytes ($2) as exact fp16, two per register ($0, $1).
 
-    One contiguous NG·2-byte row per token (not one 2-byte gather per group), which the
-    software pipeliner can prefetch asynchronously with the codes (cp.async needs >= 4 B).
+    One PRMT spreads two bytes into the low bytes of two 16-bit lanes; one LOP3 keeps the
+    slice's bits and ORs in the exponent of 1024, giving the halves 1024 + c·2^k
+    (k = slice_·bits; exact, below 2048); one HFMA2 scales by 2^-k and subtracts 1024·2^-k.
+    Three instructions per two codes, against six to seven for the same conversion through
+    32-bit lanes.
     """
-    cols = tl.arange(0, NG)
-    ptr = cache16_ptr + meta[:, None] + cols[None, :]
-    steps = tl.load(ptr, mask=n_ok[:, None], other=0.0).to(tl.float32)
-    minima = tl.load(ptr + MINIMA_OFFSET, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    import numpy as np
+    k = slice_ * bits
+    mask = ((1 << bits) - 1) << k
+    half = lambda x: int(np.array(x, dtype=np.float16).view(np.uint16))  # noqa: E731
+    scale, bias = half(2.0 ** -k), half(-1024.0 * 2.0 ** -k)
+    return ("{ .reg .b32 t0, t1, m, o, s, z;\n"
+            f"mov.b32 m, {mask | mask << 16:#010x};\n"
+            "mov.b32 o, 0x64006400;\n"
+            f"mov.b32 s, {scale | scale << 16:#010x};\n"
+            f"mov.b32 z, {bias | bias << 16:#010x};\n"
+            "prmt.b32 t0, $2, 0, 0x4140;\n"
+            "prmt.b32 t1, $2, 0, 0x4342;\n"
+            "lop3.b32 t0, t0, m, o, 0xEA;\n"
+            "lop3.b32 t1, t1, m, o, 0xEA;\n"
+            "fma.rn.f16x2 $0, t0, s, z;\n"
+            "fma.rn.f16x2 $1, t1, s, z;\n}")
+
+
+_UNPACK_2_0 = tl.constexpr(_unpack_asm(2, 0))
+_UNPACK_2_1 = tl.constexpr(_unpack_asm(2, 1))
+_UNPACK_2_2 = tl.constexpr(_unpack_asm(2, 2))
+_UNPACK_2_3 = tl.constexpr(_unpack_asm(2, 3))
+_UNPACK_4_0 = tl.constexpr(_unpack_asm(4, 0))
+_UNPACK_4_1 = tl.constexpr(_unpack_asm(4, 1))
+_UNPACK_8_0 = tl.constexpr(_unpack_asm(8, 0))
+
+
+@triton.jit
+def _unpack_codes(packed, BITS: tl.constexpr, SLICE: tl.constexpr, FAST: tl.constexpr):
+    """Codes of bit slice SLICE of uint8 `packed`, as exact fp16 of the same shape
+    (`_unpack_asm` on a GPU; shifts and masks in the interpreter, FAST = False)."""
+    if FAST:
+        if BITS == 4:
+            if SLICE == 0:
+                asm: tl.constexpr = _UNPACK_4_0
+            else:
+                asm: tl.constexpr = _UNPACK_4_1
+        elif BITS == 2:
+            if SLICE == 0:
+                asm: tl.constexpr = _UNPACK_2_0
+            elif SLICE == 1:
+                asm: tl.constexpr = _UNPACK_2_1
+            elif SLICE == 2:
+                asm: tl.constexpr = _UNPACK_2_2
+            else:
+                asm: tl.constexpr = _UNPACK_2_3
+        else:
+            asm: tl.constexpr = _UNPACK_8_0
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    else:
+        codes = (packed.to(tl.int32) >> (SLICE * BITS)) & ((1 << BITS) - 1)
+        return _codes_to_half(codes)
+
+
+@triton.jit
+def _meta_words(cache32_ptr, meta, n_ok, NG: tl.constexpr, MINIMA_OFFSET: tl.constexpr):
+    """The NG fp16 steps and NG minima of each token of a tile, as [TILE_N, NW] int32
+    words (NW = ceil(NG / 2)): two halves a word, so every thread loads >= 4 bytes and the
+    pipeliner prefetches them with cp.async together with the codes (2-byte loads it
+    leaves synchronous, two dependent global latencies every tile). `meta` is the fp16
+    index of the token's first step; with NG = 1 a word also holds a neighbour's step.
+    """
+    NW: tl.constexpr = (NG + 1) // 2
+    cols = tl.arange(0, NW)
+    ptr = cache32_ptr + (meta // 2)[:, None] + cols[None, :]
+    steps = tl.load(ptr, mask=n_ok[:, None], other=0)
+    minima = tl.load(ptr + MINIMA_OFFSET // 2, mask=n_ok[:, None], other=0)
     return steps, minima
 
 
 @triton.jit
-def _column(rows, j, NG: tl.constexpr):
-    """Column j of a [TILE_N, NG] tile (a register-local select when a thread holds rows)."""
+def _half_column(words, meta, j, NG: tl.constexpr):
+    """fp16 number j of each token's row of `_meta_words`, as fp32 [TILE_N]."""
+    NW: tl.constexpr = (NG + 1) // 2
+    if NW == 1:
+        w = tl.sum(words, axis=1)
+    else:
+        cols = tl.arange(0, NW)
+        w = tl.sum(tl.where(cols[None, :] == j // 2, words, 0), axis=1)
     if NG == 1:
-        return tl.sum(rows, axis=1)
-    cols = tl.arange(0, NG)
-    return tl.sum(tl.where(cols[None, :] == j, rows, 0.0), axis=1)
+        shift = (meta % 2) * 16  # the token's half of a word shared with a neighbour
+    else:
+        shift = (j % 2) * 16     # rows start on a word (4-byte aligned regions)
+    half = ((w >> shift) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return half.to(tl.float32)
 
 
 @triton.jit
 def _kv_tile(
-    tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row, kv_end, kv_head,
+    tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row, kv_end, kv_head,
     r_ok, r_pos,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
-    AFTER_DOT: tl.constexpr,
+    AFTER_DOT: tl.constexpr, FAST_UNPACK: tl.constexpr, MASKED: tl.constexpr,
 ):
     """One TILE_N-token step of the online softmax: returns the new (acc, m_i, l_i).
 
@@ -221,23 +300,25 @@ def _kv_tile(
     # scores = Σ_chunks q_chunk · dequant(k_chunk)ᵀ
     scores = tl.zeros([BLOCK_M, TILE_N], dtype=tl.float32)
     k_codes = cache_ptr + k_region[None, :] + slot[None, :] * K_DP + kc[:, None]
-    k_steps, k_minima = _meta_rows(cache16_ptr, k_meta, n_ok, NG, BLOCK_SIZE * NG)
+    k_steps, k_minima = _meta_words(cache32_ptr, k_meta, n_ok, NG, BLOCK_SIZE * NG)
     for b in tl.static_range(K_NB):
-        kbytes = tl.load(k_codes + b * K_CH, mask=n_ok[None, :], other=0).to(tl.int32)
+        kbytes = tl.load(k_codes + b * K_CH, mask=n_ok[None, :], other=0)
         for i in tl.static_range(K_P):
-            step = _column(k_steps, (i * K_DP + b * K_CH) // G, NG)
-            lo = _column(k_minima, (i * K_DP + b * K_CH) // G, NG)
+            step = _half_column(k_steps, k_meta, (i * K_DP + b * K_CH) // G, NG)
+            lo = _half_column(k_minima, k_meta, (i * K_DP + b * K_CH) // G, NG)
             if AFTER_DOT:
-                codes = _codes_to_half((kbytes >> (i * K_BITS)) & K_MASK)
+                codes = _unpack_codes(kbytes, K_BITS, i, FAST_UNPACK)
                 raw = tl.dot(q_chunks[b * K_P + i], codes)
                 scores += raw * step[None, :] + q_sums[b * K_P + i][:, None] * lo[None, :]
             else:
-                codes = _codes_to_float((kbytes >> (i * K_BITS)) & K_MASK)
+                codes = _codes_to_float((kbytes.to(tl.int32) >> (i * K_BITS)) & K_MASK)
                 k_t = codes * step[None, :] + lo[None, :]
                 scores = tl.dot(q_chunks[b * K_P + i], k_t.to(tl.float16), acc=scores)
 
-    allowed = (r_ok[:, None] & n_ok[None, :]) & (n[None, :] <= r_pos[:, None])
-    scores = tl.where(allowed, scores, float("-inf"))
+    if MASKED:  # the tile reaches the causal diagonal or the end of the sequence
+        # n <= r_pos also excludes n >= kv_end for every stored row; a padding row may
+        # see finite scores of masked-out (zero) codes, and is never stored
+        scores = tl.where(n[None, :] <= r_pos[:, None], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(scores - m_safe[:, None])
@@ -249,20 +330,20 @@ def _kv_tile(
     # acc_chunk = acc_chunk·alpha + p · dequant(v_chunk)
     v_codes = cache_ptr + v_region[:, None] + slot[:, None] * V_DP + vc[None, :]
     new_acc = ()
-    v_steps, v_minima = _meta_rows(cache16_ptr, v_meta, n_ok, NG, BLOCK_SIZE * NG)
+    v_steps, v_minima = _meta_words(cache32_ptr, v_meta, n_ok, NG, BLOCK_SIZE * NG)
     for b in tl.static_range(V_NB):
-        vbytes = tl.load(v_codes + b * V_CH, mask=n_ok[:, None], other=0).to(tl.int32)
+        vbytes = tl.load(v_codes + b * V_CH, mask=n_ok[:, None], other=0)
         for i in tl.static_range(V_P):
-            step = _column(v_steps, (i * V_DP + b * V_CH) // G, NG)
-            lo = _column(v_minima, (i * V_DP + b * V_CH) // G, NG)
+            step = _half_column(v_steps, v_meta, (i * V_DP + b * V_CH) // G, NG)
+            lo = _half_column(v_minima, v_meta, (i * V_DP + b * V_CH) // G, NG)
             if AFTER_DOT:
-                codes = _codes_to_half((vbytes >> (i * V_BITS)) & V_MASK)
+                codes = _unpack_codes(vbytes, V_BITS, i, FAST_UNPACK)
                 p_step = (p * step[None, :]).to(tl.float16)
                 p_min = tl.sum(p * lo[None, :], axis=1)
                 a = acc[b * V_P + i] * alpha[:, None] + p_min[:, None]
                 new_acc = new_acc + (tl.dot(p_step, codes, acc=a),)
             else:
-                codes = _codes_to_float((vbytes >> (i * V_BITS)) & V_MASK)
+                codes = _codes_to_float((vbytes.to(tl.int32) >> (i * V_BITS)) & V_MASK)
                 v = codes * step[:, None] + lo[:, None]
                 new_acc = new_acc + (tl.dot(p16, v.to(tl.float16),
                                             acc=acc[b * V_P + i] * alpha[:, None]),)
@@ -275,7 +356,7 @@ def _kv_tile(
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _attention_kernel(
     q_ptr, q_stride_t, q_stride_h, o_ptr, o_stride_t, o_stride_h,
-    cache_ptr, cache16_ptr, s_ptr,
+    cache_ptr, cache32_ptr, s_ptr,
     bt_ptr, bt_stride, seq_lens_ptr, qsl_ptr, num_seqs,
     ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, num_splits,
     q_scale, out_scale,
@@ -285,6 +366,7 @@ def _attention_kernel(
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
     ROTATE: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT: tl.constexpr,
     WHILE_LOOP: tl.constexpr, QROT_F16: tl.constexpr, AFTER_DOT: tl.constexpr,
+    FAST_UNPACK: tl.constexpr,
 ):
     K_P: tl.constexpr = 8 // K_BITS
     K_DP: tl.constexpr = D * K_BITS // 8      # code bytes per token = elements per slice
@@ -362,22 +444,43 @@ def _attention_kernel(
 
     vc = tl.arange(0, V_CH)
     bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
+    # Tiles below the first query row's position are whole for every row: no causal mask
+    # (padding rows have zero queries, finite scores, and are never stored).
+    # Decode keeps one masked loop: a second copy of the loop costs registers (occupancy).
+    if AFTER_DOT:
+        tile_full = tile_lo
+    else:
+        tile_full = tl.minimum(tl.maximum((context + q_block * BLOCK_Q + 1) // TILE_N,
+                                          tile_lo), tile_hi)
     if WHILE_LOOP:  # the CPU interpreter (numpy >= 2.4 rejects its 1-element range bounds)
         tile = tile_lo
         while tile < tile_hi:
-            acc, m_i, l_i = _kv_tile(
-                tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row,
-                kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
-                PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                AFTER_DOT)
+            if tile < tile_full:
+                acc, m_i, l_i = _kv_tile(
+                    tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
+                    kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
+                    PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
+                    AFTER_DOT, FAST_UNPACK, False)
+            else:
+                acc, m_i, l_i = _kv_tile(
+                    tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
+                    kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
+                    PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
+                    AFTER_DOT, FAST_UNPACK, True)
             tile += 1
     else:
-        for tile in range(tile_lo, tile_hi):
+        for tile in range(tile_lo, tile_full):  # empty in decode
             acc, m_i, l_i = _kv_tile(
-                tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache16_ptr, bt_row,
+                tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
                 kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
                 PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                AFTER_DOT)
+                AFTER_DOT, FAST_UNPACK, False)
+        for tile in range(tile_full, tile_hi):
+            acc, m_i, l_i = _kv_tile(
+                tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
+                kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
+                PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
+                AFTER_DOT, FAST_UNPACK, True)
 
     # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -490,7 +593,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         warps = 8 if block_m >= 128 else 4
     # Decode (few real rows per 16-row tile) pays per element: steps after the dot. Prefill
     # (64-128 real rows) pays per (row, token): steps on the elements.
-    variant = {"after_dot": decode, "maxnreg": None}
+    variant = {"after_dot": decode, "maxnreg": None, "fast_unpack": True}
     if _TUNING:  # benchmarking/debugging overrides: {"tile_n": .., "warps": .., "stages": ..}
         tile_n = _TUNING.get("tile_n", tile_n)
         warps = _TUNING.get("warps", warps)
@@ -527,7 +630,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     grid = (num_tokens // block_q + num_seqs, kv_heads, splits)
     _attention_kernel[grid](
         q_in, q_in.stride(0), q_in.stride(1), output, output.stride(0), output.stride(1),
-        cache, cache.view(torch.float16), signs,
+        cache, cache.view(torch.int32), signs,
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
         ws_out, ws_max, ws_sum, ws_heads, splits,
         q_scale, inv_sqrt_b,
@@ -540,6 +643,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         ROTATE=rotate, ROTATE_Q=rotate_q, SPLIT=splits > 1, WHILE_LOOP=_interpreted(),
         QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
         AFTER_DOT=variant["after_dot"],
+        FAST_UNPACK=variant["fast_unpack"] and not _interpreted(),
         num_warps=warps, num_stages=stages,
         **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] and not _interpreted()
            else {}),
