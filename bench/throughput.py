@@ -121,7 +121,7 @@ def profiler_kwargs(config: KVConfig, args: dict) -> dict:
 
 # Kernel-name fragments of each category of GPU time, first match wins (lower case).
 KERNEL_CATEGORIES = (
-    ("attention", ("paged_attention", "attn", "flash", "fmha", "merge_split")),
+    ("attention", ("attention", "attn", "flash", "fmha", "merge_split")),
     ("kv write", ("write_kv", "reshape_and_cache", "concat_and_cache")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")),
 )

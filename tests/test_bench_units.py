@@ -46,7 +46,7 @@ def test_kernel_time_summary_groups_gpu_kernels(tmp_path):
     """`throughput.py --profile-dir`: kernel events summed per category, CPU ops ignored."""
     import gzip
     import json
-    events = [{"cat": "kernel", "name": "_paged_attention_kernel", "dur": 3000},
+    events = [{"cat": "kernel", "name": "_attention_kernel", "dur": 3000},
               {"cat": "kernel", "name": "nvjet_tst_128x256_64x4", "dur": 5000},
               {"cat": "kernel", "name": "_write_kv_kernel", "dur": 1000},
               {"cat": "kernel", "name": "triton_poi_fused_silu_0", "dur": 500},
