@@ -148,9 +148,19 @@ def test_valid_but_unimplemented_feature_is_refused(tmp_path):
         check_implemented(resolved)
     assert "quantization.recent_tokens=128" in str(info.value)
     assert "does not implement yet" in str(info.value)
-    resolved = load_profile(str(write(tmp_path, "name: e\neviction: {policy: snapkv, "
-                                                "budget_fraction: 0.25}\n", "e.yaml")))
-    with pytest.raises(ProfileError, match="eviction.policy='snapkv'"):
+    resolved = load_profile(str(write(tmp_path, "name: c\nchunk_reuse: {enabled: true}\n",
+                                      "c.yaml")))
+    with pytest.raises(ProfileError, match="chunk_reuse.enabled=True"):
+        check_implemented(resolved)
+
+
+def test_eviction_policies_pass_the_release_check(tmp_path):
+    # served (CPU, with quantization); the other combinations are refused when the
+    # engine config is built (tests/test_eviction_glue.py)
+    for policy in ("snapkv", "adakv", "pyramidkv", "streamingllm"):
+        resolved = load_profile(str(write(tmp_path, f"name: e\nquantization: {{method: int4}}"
+                                                    f"\neviction: {{policy: {policy}, "
+                                                    "budget_fraction: 0.25}\n", "e.yaml")))
         check_implemented(resolved)
 
 

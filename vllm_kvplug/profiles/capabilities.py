@@ -16,7 +16,9 @@ IMPLEMENTED: dict[str, set[object]] = {
     # mixed precision for sink / recent tokens: specified, not implemented yet
     "quantization.sink_tokens": {0},
     "quantization.recent_tokens": {0},
-    "eviction.policy": {"none"},
+    # served on the CPU path of the quantized backend (vllm_glue/activation.py refuses
+    # the other combinations at startup)
+    "eviction.policy": {"none", "streamingllm", "snapkv", "pyramidkv", "adakv"},
     "chunk_reuse.enabled": {False},
     "controller.enabled": {False},
 }

@@ -64,6 +64,32 @@ def select_backend(engine_args, resolved: ResolvedProfile) -> None:
         engine_args.attention_backend = AttentionBackendEnum.CUSTOM
 
 
+def check_eviction(engine_args, resolved: ResolvedProfile) -> None:
+    """Eviction is served on the CPU path of the quantized backend, one pipeline stage,
+    without speculative decoding; anything else stops startup naming the option."""
+    policy = resolved.profile.eviction.policy
+    if policy == "none":
+        return
+    where = f"profile {resolved.source} sets eviction.policy={policy!r}"
+    if resolved.profile.quantization.method == "none":
+        raise ProfileError(f"{where}, which runs on the plugin's quantized KV backend; set "
+                           "quantization.method (int4 or int2) in the profile, or set "
+                           "eviction.policy to 'none'.")
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ProfileError(f"{where}; this release serves eviction.policy on the CPU "
+                           f"only, not on {current_platform.device_name or 'this device'}. "
+                           "Set eviction.policy to 'none' (or use a quantization-only "
+                           "profile such as int4-hadamard) on GPUs.")
+    if engine_args.speculative_config:
+        raise ProfileError(f"{where}; it cannot be combined with --speculative-config. "
+                           "Drop one of them.")
+    if int(engine_args.pipeline_parallel_size or 1) > 1:
+        raise ProfileError(f"{where}; it cannot be combined with "
+                           f"--pipeline-parallel-size {engine_args.pipeline_parallel_size}.")
+
+
 def check_model(vllm_config, resolved: ResolvedProfile) -> None:
     """Refuse models the quantized-KV kernels do not handle, before any weight loads."""
     if resolved.profile.quantization.method == "none":

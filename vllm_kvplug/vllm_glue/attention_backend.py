@@ -11,6 +11,11 @@ With `quantization.key_offsets` the cache write subtracts a static per-(layer, K
 offset from K (`vllm_kvplug.quant.key_offsets`); attention reads the cache unchanged. The
 metadata builder, which vLLM creates with the layer names and the device after the KV
 cache is set up and before any CUDA graph is captured, gives each layer its offset.
+
+With an eviction profile (CPU only) the layers' spec is `EvictingKVSpec`; the builder then
+attaches the step's request rows (`eviction_rows.current_rows`) and the policy to the
+metadata, and the forward runs `eviction_rows.attend` (evict when a prompt completes,
+attend over the head-packed layout afterwards; docs/eviction.md).
 """
 
 from __future__ import annotations
@@ -165,6 +170,8 @@ class QuantizedKVMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     workspace: object | None  # triton_kernels.AttentionWorkspace on CUDA
+    # eviction profiles: (policy, num_layers, eviction_rows.BatchRows) of this step
+    eviction: tuple | None = None
 
 
 class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
@@ -177,6 +184,16 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         bind_key_offsets(layer_names, vllm_config, device)
+        from vllm_kvplug.vllm_glue.kv_spec import EvictingKVSpec
+
+        self.eviction = None
+        if isinstance(kv_cache_spec, EvictingKVSpec):
+            if device.type != "cpu":
+                raise NotImplementedError("vllm-kvplug eviction is served on the CPU only")
+            from vllm_kvplug.vllm_glue.eviction_rows import patch_model_runner
+
+            patch_model_runner()  # before the first real step (builders are made first)
+            self.eviction = (kv_cache_spec.policy(), kv_cache_spec.num_layers)
         self.workspace = None
         if device.type == "cuda":
             from vllm_kvplug.triton_kernels import AttentionWorkspace
@@ -190,11 +207,18 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> QuantizedKVMetadata:
         m = common_attn_metadata
+        eviction = None
+        if self.eviction is not None:
+            from vllm_kvplug.vllm_glue.eviction_rows import current_rows
+
+            rows = current_rows()
+            if rows is not None:
+                eviction = (*self.eviction, rows)
         return QuantizedKVMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc,
             seq_lens=m.seq_lens, block_table=m.block_table_tensor,
-            slot_mapping=m.slot_mapping, workspace=self.workspace)
+            slot_mapping=m.slot_mapping, workspace=self.workspace, eviction=eviction)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> QuantizedKVMetadata:
@@ -275,6 +299,16 @@ class QuantizedKVImpl(AttentionImpl):
         n = m.num_actual_tokens
         layout = self._layout_for(kv_cache)
         if kv_cache.device.type == "cpu":
+            if m.eviction is not None:
+                from vllm.model_executor.models.utils import extract_layer_index
+
+                from vllm_kvplug.vllm_glue.eviction_rows import attend
+
+                policy, num_layers, rows = m.eviction
+                output[:n] = attend(policy, num_layers, extract_layer_index(layer.layer_name),
+                                    rows, query[:n], kv_cache, m.block_table, m.seq_lens,
+                                    m.query_start_loc, layout, self.scale)
+                return output
             output[:n] = attention_reference(query[:n], kv_cache, m.block_table, m.seq_lens,
                                              m.query_start_loc, layout, self.scale)
             return output

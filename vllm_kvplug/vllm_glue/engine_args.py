@@ -60,9 +60,10 @@ def patch_engine_args() -> None:
             return original_create_engine_config(self, *args, **kwargs)
         check_implemented(resolved)
         self.additional_config = {**self.additional_config, CONFIG_KEY: resolved.to_config()}
-        from vllm_kvplug.vllm_glue.activation import activate, check_model, \
-            select_backend
+        from vllm_kvplug.vllm_glue.activation import activate, check_eviction, \
+            check_model, select_backend
 
+        check_eviction(self, resolved)
         select_backend(self, resolved)
         vllm_config = original_create_engine_config(self, *args, **kwargs)
         check_model(vllm_config, resolved)

@@ -1,0 +1,111 @@
+"""Worker side of eviction: which request each batch row is, and its eviction state.
+
+vLLM's `CommonAttentionMetadata` carries no request ids or prompt lengths. The thinnest
+reliable source is the model runner's own input batch, whose row order is the attention
+metadata's: `patch_model_runner` wraps `GPUModelRunner._build_attention_metadata` (the V1
+runner, which vLLM's CPU runner subclasses) to record `input_batch.req_ids` and
+`input_batch.num_prompt_tokens` of the step's rows just before the metadata builders run
+(`current_rows`); dummy/profiling runs (no `num_scheduled_tokens`) record nothing. It
+also wraps `_update_states` to drop the state of finished and preempted requests.
+Keying on request ids (rather than on a request's first block id) survives preemption
+(new blocks) and needs no block-id uniqueness argument.
+
+`attend` is the CPU attention forward of one layer when the engine evicts: each row's
+request either has a prompt too short to evict (normal paged attention) or is served by
+its `vllm_kvplug.eviction.serving.EvictedRequest` (created when its prefill starts).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvplug.eviction.packed import packed_plan
+from vllm_kvplug.eviction.serving import EvictedRequest
+from vllm_kvplug.quant.paged import PagedLayout, attention_reference
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """Request id and prompt length of every row of one step's batch."""
+
+    req_ids: tuple[str, ...]
+    prompt_lens: tuple[int, ...]
+
+
+_current: BatchRows | None = None
+_states: dict[str, EvictedRequest] = {}
+
+
+def current_rows() -> BatchRows | None:
+    return _current
+
+
+def states() -> dict[str, EvictedRequest]:
+    """Live per-request eviction states of this worker (tests and metrics read it)."""
+    return _states
+
+
+def patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_kvplug_rows_patched", False):
+        return
+    build = GPUModelRunner._build_attention_metadata
+    update = GPUModelRunner._update_states
+
+    @functools.wraps(build)
+    def _build_attention_metadata(self, *args, **kwargs):
+        global _current
+        _current = None
+        if kwargs.get("num_scheduled_tokens") is not None:
+            num_reqs = kwargs["num_reqs"]
+            batch = self.input_batch
+            _current = BatchRows(tuple(batch.req_ids[:num_reqs]),
+                                 tuple(int(n) for n in batch.num_prompt_tokens[:num_reqs]))
+        return build(self, *args, **kwargs)
+
+    @functools.wraps(update)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        for rid in (scheduler_output.finished_req_ids or ()):
+            _states.pop(rid, None)
+        for rid in (getattr(scheduler_output, "preempted_req_ids", None) or ()):
+            _states.pop(rid, None)
+        return update(self, scheduler_output, *args, **kwargs)
+
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._kvplug_rows_patched = True
+
+
+def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Tensor,
+           cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           query_start_loc: torch.Tensor, layout: PagedLayout, scale: float) -> torch.Tensor:
+    """Attention of one layer for a batch whose requests may be evicted ([T, Hq, D])."""
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    if len(rows.req_ids) != len(lens):
+        raise RuntimeError(f"the runner recorded {len(rows.req_ids)} rows for a batch of "
+                           f"{len(lens)} requests")
+    out = torch.zeros_like(query)
+    for i, (rid, prompt_len) in enumerate(zip(rows.req_ids, rows.prompt_lens)):
+        start, end = qsl[i], qsl[i + 1]
+        if end == start:
+            continue
+        position = lens[i] - (end - start)
+        plan = packed_plan(policy, prompt_len, num_layers, layout.block_size)
+        if plan is None:
+            out[start:end] = attention_reference(
+                query[start:end], cache, block_table[i:i + 1], seq_lens[i:i + 1],
+                torch.tensor([0, end - start], device=query.device), layout, scale)
+            continue
+        state = _states.get(rid)
+        if state is None or (position == 0 and state.plan != plan):
+            if position != 0:
+                raise RuntimeError(f"request {rid}: no eviction state at position "
+                                   f"{position} (its prefill was not seen from the start)")
+            state = _states[rid] = EvictedRequest(policy, plan, num_layers)
+        out[start:end] = state.attend(layer, query[start:end], position, cache, layout,
+                                      block_table[i], scale)
+    return out
