@@ -1,0 +1,184 @@
+"""vLLM glue of eviction: spec, block manager, startup checks, batch-row dispatch."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_kvplug.eviction import AdaKV
+from vllm_kvplug.eviction.packed import packed_plan
+from vllm_kvplug.profiles import ProfileError, load_profile
+from vllm_kvplug.quant.paged import PagedLayout, attention_reference, write_reference
+from vllm_kvplug.quant.recipe import KVRecipe
+from vllm_kvplug.vllm_glue import install
+
+EVICTION = {"policy": "adakv", "budget_fraction": 0.25, "budget_tokens": None,
+            "min_tokens": 16, "window_tokens": 8, "sink_tokens": 4}
+
+
+@pytest.fixture(autouse=True)
+def no_engine_planner_left():
+    """A manager registers its planner for the process (the engine core); reset it."""
+    yield
+    from vllm_kvplug.vllm_glue import kv_manager
+
+    kv_manager._planner = None
+
+
+def write_profile(tmp_path, text, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return load_profile(str(path))
+
+
+def spec(**kw):
+    install()
+    from vllm_kvplug.vllm_glue.kv_spec import EvictingKVSpec
+
+    fields = dict(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.uint8,
+                  token_bytes=2 * 72, eviction=json.dumps(EVICTION), num_layers=4)
+    fields.update(kw)
+    return EvictingKVSpec(**fields)
+
+
+def test_spec_carries_the_policy_and_registers_the_evicting_manager():
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    s = spec()
+    assert s.policy() == AdaKV(budget_fraction=0.25, min_tokens=16, window_tokens=8)
+    assert KVCacheSpecRegistry.get_manager_class(s).__name__ == "EvictingKVManager"
+    assert type(s).merge([s, s]) == s
+    with pytest.raises(ValueError, match="same eviction settings"):
+        type(s).merge([s, spec(num_layers=5)])
+
+
+def make_manager(num_blocks=64, caching=True):
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vllm_kvplug.vllm_glue.kv_manager import EvictingKVManager
+
+    pool = BlockPool(num_blocks, caching, 16)
+    manager = EvictingKVManager(spec(), block_pool=pool, enable_caching=caching,
+                                kv_cache_group_id=0, scheduler_block_size=16)
+    return manager, pool
+
+
+def allocate(manager, rid, tokens):
+    n = manager.get_num_blocks_to_allocate(rid, tokens, [], 0, 0, tokens)
+    return manager.allocate_new_blocks(rid, tokens, tokens)[:n]
+
+
+def test_manager_returns_the_middle_blocks_once_the_prompt_is_processed():
+    from vllm_kvplug.vllm_glue.kv_manager import COUNTERS
+
+    manager, pool = make_manager()
+    prompt = 300  # budget 75 -> 5 blocks kept, tail block 18: blocks 5..17 are freed
+    plan = packed_plan(spec().policy(), prompt, 4, 16)
+    assert (plan.num_keep_blocks, plan.tail_block) == (5, 18)
+    allocate(manager, "r", prompt)
+    free = pool.get_num_free_blocks()
+    before = COUNTERS.blocks_returned
+    manager.remove_skipped_blocks("r", prompt - 1, prompt)  # prompt not processed yet
+    assert pool.get_num_free_blocks() == free
+    manager.remove_skipped_blocks("r", prompt, prompt)
+    assert pool.get_num_free_blocks() == free + 13
+    assert COUNTERS.blocks_returned - before == 13
+    blocks = manager.req_to_blocks["r"]
+    assert all(b.is_null for b in blocks[5:18])
+    assert not any(b.is_null for b in blocks[:5] + blocks[18:])
+    manager.remove_skipped_blocks("r", prompt + 40, prompt)  # once
+    assert pool.get_num_free_blocks() == free + 13
+    # decode continues in the normal layout after the tail block
+    allocate(manager, "r", 340)
+    assert len(manager.req_to_blocks["r"]) == 22
+    manager.free("r")
+    assert pool.get_num_free_blocks() == 63  # everything back (block 0 is vLLM's null)
+
+
+def test_manager_never_hashes_evicted_requests_and_keeps_short_ones_cached():
+    install()
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    manager, pool = make_manager()
+
+    def request(rid, n):
+        return Request(rid, list(range(n)), SamplingParams(max_tokens=4), None,
+                       block_hasher=None)
+
+    long, short = request("long", 300), request("short", 20)
+    assert manager.planner.plan(300) is not None and manager.planner.plan(20) is None
+    # created after the manager: Request asks the plugin whether to skip the prefix cache
+    assert long.skip_reading_prefix_cache and not short.skip_reading_prefix_cache
+    for r in (long, short):
+        allocate(manager, r.request_id, r.num_tokens)
+    manager.cache_blocks(long, 300)
+    assert "long" not in manager.num_cached_block
+    assert all(b.block_hash is None for b in manager.req_to_blocks["long"])
+    assert manager.get_num_common_prefix_blocks("long") == 0
+
+
+def test_startup_refuses_unsupported_combinations(tmp_path, monkeypatch):
+    from vllm_kvplug.vllm_glue.activation import check_eviction
+
+    args = SimpleNamespace(speculative_config=None, pipeline_parallel_size=1)
+    quantized = write_profile(tmp_path, "name: e\nquantization: {method: int4}\n"
+                                        "eviction: {policy: snapkv, budget_fraction: 0.5}\n")
+    check_eviction(args, quantized)  # CPU, quantized: served
+    plain = write_profile(tmp_path, "name: e\neviction: {policy: adakv, budget_tokens: 512}\n",
+                          "plain.yaml")
+    with pytest.raises(ProfileError, match="eviction.policy='adakv'.*quantization.method"):
+        check_eviction(args, plain)
+    with pytest.raises(ProfileError, match="--speculative-config"):
+        check_eviction(SimpleNamespace(speculative_config={"method": "ngram"},
+                                       pipeline_parallel_size=1), quantized)
+    with pytest.raises(ProfileError, match="--pipeline-parallel-size 2"):
+        check_eviction(SimpleNamespace(speculative_config=None, pipeline_parallel_size=2),
+                       quantized)
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    with pytest.raises(ProfileError, match="eviction.policy='snapkv'.*CPU only"):
+        check_eviction(args, quantized)
+    check_eviction(args, load_profile("int4-hadamard"))  # no eviction: nothing to refuse
+
+
+def test_builtin_adakv_profile_evicts_with_quantization():
+    resolved = load_profile("int4-adakv")
+    assert resolved.profile.eviction.policy == "adakv"
+    assert resolved.profile.quantization.method == "int4"
+
+
+def test_row_dispatch_serves_short_prompts_normally_and_evicts_long_ones():
+    from vllm_kvplug.vllm_glue import eviction_rows
+    from vllm_kvplug.vllm_glue.eviction_rows import BatchRows, attend
+
+    policy = spec().policy()
+    recipe = KVRecipe.from_section(load_profile("int4-hadamard").profile.quantization)
+    layout = PagedLayout(recipe, 2, 64, 16)
+    cache = torch.zeros(40, layout.page_bytes, dtype=torch.uint8)
+    torch.manual_seed(0)
+    lens = (20, 300)  # short: not evicted; long: evicted when its prompt completes
+    tables = torch.zeros(2, 20, dtype=torch.long)
+    tables[0, :2] = torch.tensor([1, 2])
+    tables[1] = torch.arange(4, 24)
+    for row, n in enumerate(lens):
+        pos = torch.arange(n)
+        write_reference(cache, torch.randn(n, 2, 64), torch.randn(n, 2, 64),
+                        tables[row, pos // 16] * 16 + pos % 16, layout)
+    query = torch.randn(sum(lens), 4, 64)
+    qsl = torch.tensor([0, 20, 320])
+    rows = BatchRows(("s", "l"), lens)
+    eviction_rows.states().clear()
+    whole = attention_reference(query, cache, tables, torch.tensor(lens), qsl, layout, 0.125)
+    out = attend(policy, 4, 0, rows, query, cache, tables, torch.tensor(lens), qsl, layout,
+                 0.125)
+    torch.testing.assert_close(out, whole)  # prompt rows: full attention for both
+    state = eviction_rows.states()["l"]
+    assert state.compacted(0) and not state.compacted(1)
+    assert "s" not in eviction_rows.states()
+    with pytest.raises(RuntimeError, match="no eviction state at position 5"):
+        attend(policy, 4, 0, BatchRows(("x",), (300,)), query[:1], cache, tables[1:],
+               torch.tensor([6]), torch.tensor([0, 1]), layout, 0.125)
+    eviction_rows.states().clear()
