@@ -173,9 +173,8 @@ VARIANTS = {
     # the unpacking of the codes through 32-bit shifts and masks (the interpreter's path)
     # instead of the inline-PTX PRMT/LOP3/HFMA2 sequence
     "slow-unpack": {"fast_unpack": False},
-    # registers capped at 128 (a small spill) so 4 decode programs fit an SM, and the
-    # split-count model told so
-    "occ4": {"maxnreg": 128, "programs_per_sm": 4},
+    # decode without the register cap, 3 programs an SM (the previous default)
+    "occ3": {"maxnreg": None, "programs_per_sm": 3},
 }
 
 

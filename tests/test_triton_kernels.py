@@ -273,10 +273,13 @@ def test_split_k_with_a_reused_workspace_and_bf16():
 
 
 def test_split_heuristic_uses_host_integers_only():
-    # the best split counts of the H100 sweep (132 SMs, 3 programs each, 8 KV heads)
-    assert tk.choose_num_splits(8, 8, 1, 8192, "cpu") == 6       # one full wave, not 9
-    assert tk.choose_num_splits(1, 8, 1, 32768, "cpu") == 49      # 392 programs <= 396
-    assert tk.choose_num_splits(32, 8, 1, 4096, "cpu") == 3
+    # the split counts of the H100 runs (132 SMs, 4 decode programs each, 8 KV heads)
+    assert tk.choose_num_splits(8, 8, 1, 8192, "cpu") == 8       # one full wave, not 9
+    assert tk.choose_num_splits(1, 8, 1, 32768, "cpu") == 64      # 512 programs <= 528
+    assert tk.choose_num_splits(32, 8, 1, 4096, "cpu") == 2
+    # the previous model (3 programs an SM) still reproduces the earlier sweep's choices
+    assert tk.choose_num_splits(8, 8, 1, 8192, "cpu", programs_per_sm=3) == 6
+    assert tk.choose_num_splits(1, 8, 1, 32768, "cpu", programs_per_sm=3) == 49
     assert tk.choose_num_splits(8, 8, 7, 8192, "cpu") == 1       # not pure decode
     assert tk.choose_num_splits(256, 8, 1, 8192, "cpu") == 1     # many full waves
     assert tk.choose_num_splits(8, 8, 1, 200, "cpu") == 1        # segments < 128 tokens

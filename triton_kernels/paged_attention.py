@@ -92,11 +92,15 @@ def _sm_count(device: str) -> int:
     return 132  # an H100 SXM: keeps the heuristic's choices the same in the interpreter
 
 
-# Decode programs resident per SM (4 warps, 141-168 registers a thread for head size 128 in
-# every format: 3 x 128 threads fit the 64K registers), and the fixed cost of a program
-# (Q load and rotation, partial-output store) in KV tokens. Both measured on an H100 with
-# `bench/kernel_bench.py --sweep`, whose timings the model below reproduces.
-DECODE_PROGRAMS_PER_SM = 3
+# Decode programs resident per SM: decode launches cap registers at DECODE_MAXNREG (the
+# inner loop needs ~142 for head size 128; at 128 it spills 8-16 bytes a thread) so 4 x 128
+# threads fit the 64K registers. Measured on an H100 (`bench/kernel_bench.py`, variants
+# `occ4` vs `default` of kernel_bench-h100-v4): decode 1-10 % faster for INT4 at every
+# batch shape timed, INT2 4-11 % (except 64 x 2048: -3 %). Prefill keeps its registers (capped, it spills 336 bytes).
+# PROGRAM_OVERHEAD_TOKENS is the fixed cost of a program (Q load and rotation, partial-output
+# store) in KV tokens; both feed the wave model below, fitted to `kernel_bench.py --sweep`.
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MAXNREG = 128
 PROGRAM_OVERHEAD_TOKENS = 64
 
 
@@ -111,7 +115,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
     ceil(max_seq_len / S) tokens plus a fixed overhead; S minimises waves x length (the
     smallest S on ties), and splits only when that saves at least 15 % (a full grid stays
     whole). A part-filled last wave costs a full one, so e.g. 8 x 8192 tokens x 8 heads
-    splits 6 ways (384 programs, one wave on 132 SMs), not 9 (two).
+    splits 8 ways (512 programs, one wave of 4 programs on each of 132 SMs), not 9 (two).
     """
     if max_query_len != 1 or max_seq_len <= 0:
         return 1
@@ -593,7 +597,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         warps = 8 if block_m >= 128 else 4
     # Decode (few real rows per 16-row tile) pays per element: steps after the dot. Prefill
     # (64-128 real rows) pays per (row, token): steps on the elements.
-    variant = {"after_dot": decode, "maxnreg": None, "fast_unpack": True}
+    variant = {"after_dot": decode, "maxnreg": DECODE_MAXNREG if decode else None,
+               "fast_unpack": True}
     if _TUNING:  # benchmarking/debugging overrides: {"tile_n": .., "warps": .., "stages": ..}
         tile_n = _TUNING.get("tile_n", tile_n)
         warps = _TUNING.get("warps", warps)
