@@ -42,13 +42,15 @@ def _blockdiag(head_size: int, block: int | None, device: str, signs: bool,
     return out.to(dtype=dtype, device=device).contiguous()
 
 
-def blockdiag_hadamard(head_size: int, block: int | None, device) -> torch.Tensor:
-    """The orthonormal block-diagonal Hadamard matrix, fp32 [D, D], cached per device.
+def blockdiag_hadamard(head_size: int, block: int | None, device,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The orthonormal block-diagonal Hadamard matrix [D, D] (fp32 by default), cached per
+    device and dtype.
 
     `block=None` gives the identity (no rotation). The matrix is symmetric and its own
     inverse, so x · H rotates and (x · H) · H = x.
     """
-    return _blockdiag(head_size, block, str(torch.device(device)), False, torch.float32)
+    return _blockdiag(head_size, block, str(torch.device(device)), False, dtype)
 
 
 def blockdiag_signs(head_size: int, block: int | None, device,
