@@ -182,3 +182,29 @@ def test_row_dispatch_serves_short_prompts_normally_and_evicts_long_ones():
         attend(policy, 4, 0, BatchRows(("x",), (300,)), query[:1], cache, tables[1:],
                torch.tensor([6]), torch.tensor([0, 1]), layout, 0.125)
     eviction_rows.states().clear()
+
+
+def test_eviction_counters_travel_in_scheduler_stats_and_leave_no_trace():
+    from prometheus_client import CollectorRegistry
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from vllm_kvplug.metrics import KVPlugMetrics
+    from vllm_kvplug.vllm_glue.eviction_metrics import KEY, take_payload
+
+    stats = SchedulerStats(kv_connector_stats={KEY: {
+        "requests": 2, "blocks_returned": 9, "tokens_evicted": 300.0,
+        "kept_fractions": [0.25, 0.3]}})
+    registry = CollectorRegistry()
+    metrics = KVPlugMetrics(registry)
+    metrics.record_eviction(**take_payload(stats))
+    assert stats.kv_connector_stats is None  # vLLM's connector loggers see nothing
+    get = registry.get_sample_value
+    assert get("kvplug_eviction_blocks_returned_total") == 9
+    assert get("kvplug_eviction_requests_total") == 2
+    assert get("kvplug_eviction_tokens_evicted_total") == 300
+    assert get("kvplug_eviction_kept_fraction_count") == 2
+    assert get("kvplug_eviction_kept_fraction_bucket", {"le": "0.25"}) == 1
+    other = SchedulerStats(kv_connector_stats={"nixl": {"x": 1}, KEY: {}})
+    take_payload(other)
+    assert other.kv_connector_stats == {"nixl": {"x": 1}}  # a real connector's data stays
+    assert take_payload(SchedulerStats()) is None

@@ -86,8 +86,9 @@ def _dense(query, positions, k, v, visible, scale, layout):
                                           sink_tokens=4),
                                     SnapKV(budget_tokens=30, min_tokens=4, window_tokens=8)],
                          ids=lambda p: p.name)
-def test_compacted_attention_equals_dense_attention_over_the_kept_tokens(policy):
-    layout = make_layout()
+@pytest.mark.parametrize("bs", [16, 32])
+def test_compacted_attention_equals_dense_attention_over_the_kept_tokens(policy, bs):
+    layout = make_layout(bs=bs)
     prompt, seq_len = 170, 190  # 20 decode tokens after the prompt
     block_ids = torch.tensor([7, 3, 12, 0, 9, 21, 5, 14, 2, 17, 11, 1, 19])  # scattered
     cache = _filled_cache(layout, block_ids, seq_len)
@@ -96,14 +97,14 @@ def test_compacted_attention_equals_dense_attention_over_the_kept_tokens(policy)
     assert torch.equal(keys, k[:prompt].permute(1, 0, 2))
     q_window = torch.randn(9, 8, 64)
     scores = score_snapkv(block_hadamard(q_window, 32), keys)
-    plan = packed_plan(policy, prompt, 1, 16)
+    plan = packed_plan(policy, prompt, 1, bs)
     assert plan is not None and plan.blocks_freed > 0
     budgets, kept = plan_layer(policy, 0, 1, prompt, scores)
     if policy.name == "adakv":
         assert len(set(budgets.tolist())) > 1  # uneven per-head budgets
     offsets = compact(cache, layout, block_ids, kept, plan)
     assert torch.equal(offsets, packed_offsets(kept, plan.tail_start))
-    assert int(offsets[-1]) <= plan.num_keep_blocks * 16 * 3
+    assert int(offsets[-1]) <= plan.num_keep_blocks * bs * 3
     # packed entries read back bit-exactly
     packed = read_packed(cache, layout, block_ids, offsets)
     for h in range(3):

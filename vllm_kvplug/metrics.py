@@ -12,11 +12,12 @@ multiprocess support.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "kvplug"
 PROFILE_LABELS = ["profile", "source", "quantization", "eviction", "chunk_reuse",
                   "kv_cache_dtype"]
+KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 
 class KVPlugMetrics:
@@ -46,6 +47,39 @@ class KVPlugMetrics:
             multiprocess_mode="mostrecent",
             registry=registry,
         )
+
+        # eviction (counted in the engine core, brought here by vllm_glue/eviction_metrics)
+        self.eviction_requests = Counter(
+            f"{PREFIX}_eviction_requests",
+            "Requests whose prompt was evicted (once per prefill; a recompute after "
+            "preemption counts again).",
+            registry=registry,
+        )
+        self.eviction_blocks_returned = Counter(
+            f"{PREFIX}_eviction_blocks_returned",
+            "KV-cache blocks returned to vLLM's block pool by eviction.",
+            registry=registry,
+        )
+        self.eviction_tokens_evicted = Counter(
+            f"{PREFIX}_eviction_tokens_evicted",
+            "Prompt tokens evicted, per (layer, KV head) on average, summed over requests.",
+            registry=registry,
+        )
+        self.eviction_kept_fraction = Histogram(
+            f"{PREFIX}_eviction_kept_fraction",
+            "Per request: share of the prompt's (layer, KV head, token) entries the "
+            "policy's budgets keep.",
+            buckets=KEPT_FRACTION_BUCKETS,
+            registry=registry,
+        )
+
+    def record_eviction(self, requests: int, blocks_returned: int, tokens_evicted: float,
+                        kept_fractions: list[float]) -> None:
+        self.eviction_requests.inc(requests)
+        self.eviction_blocks_returned.inc(blocks_returned)
+        self.eviction_tokens_evicted.inc(tokens_evicted)
+        for fraction in kept_fractions:
+            self.eviction_kept_fraction.observe(fraction)
 
     def publish_profile(
         self, name: str, source: str, bytes_per_token: float, baseline_bytes_per_token: float,

@@ -21,9 +21,10 @@ def install() -> None:
     if _installed:
         return
     _check_vllm_version()
-    from vllm_kvplug.vllm_glue import engine_args, kv_spec, platform
+    from vllm_kvplug.vllm_glue import engine_args, eviction_metrics, kv_spec, platform
 
     engine_args.patch_engine_args()
+    eviction_metrics.patch_stat_loggers()  # active only for profiles that evict
     platform.register_backend()
     kv_spec.register_spec()
     kv_spec.patch_attention_spec()

@@ -92,6 +92,9 @@ class EvictingKVManager(FullAttentionManager):
         with _lock:
             _planner = self.planner
         patch_request()  # engine core, before any request exists
+        from vllm_kvplug.vllm_glue.eviction_metrics import patch_scheduler_stats
+
+        patch_scheduler_stats()
         self._freed: set[str] = set()  # requests whose gap was returned (this allocation)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
