@@ -133,6 +133,9 @@ def test_startup_refuses_unsupported_combinations(tmp_path, monkeypatch):
     with pytest.raises(ProfileError, match="--speculative-config"):
         check_eviction(SimpleNamespace(speculative_config={"method": "ngram"},
                                        pipeline_parallel_size=1), quantized)
+    with pytest.raises(ProfileError, match="--kv-transfer-config"):
+        check_eviction(SimpleNamespace(speculative_config=None, pipeline_parallel_size=1,
+                                       kv_transfer_config={"kv_connector": "X"}), quantized)
     with pytest.raises(ProfileError, match="--pipeline-parallel-size 2"):
         check_eviction(SimpleNamespace(speculative_config=None, pipeline_parallel_size=2),
                        quantized)

@@ -85,6 +85,10 @@ def check_eviction(engine_args, resolved: ResolvedProfile) -> None:
     if engine_args.speculative_config:
         raise ProfileError(f"{where}; it cannot be combined with --speculative-config. "
                            "Drop one of them.")
+    if getattr(engine_args, "kv_transfer_config", None):
+        raise ProfileError(f"{where}; it cannot be combined with --kv-transfer-config "
+                           "(a KV connector would save or load blocks that eviction "
+                           "rewrites). Drop one of them.")
     if int(engine_args.pipeline_parallel_size or 1) > 1:
         raise ProfileError(f"{where}; it cannot be combined with "
                            f"--pipeline-parallel-size {engine_args.pipeline_parallel_size}.")
