@@ -153,9 +153,44 @@ def preemption(profile: str) -> dict:
     return report
 
 
+def policy(profile: str) -> dict:
+    """One long prompt: blocks returned against the plan, and the answer."""
+    from vllm_kvplug.vllm_glue import kv_manager
+
+    llm = make_llm(profile)
+    trace: list[int] = []
+    long = run(llm, {"long": long_prompt("river")}, 8, trace)["long"]
+    plan = kv_manager.active_planner().plan(long["prompt_len"])
+    return {"long": long, "trace": trace,
+            "plan": {"keep": plan.num_keep_blocks, "tail_block": plan.tail_block,
+                     "freed": plan.blocks_freed},
+            "blocks_returned": kv_manager.COUNTERS.blocks_returned}
+
+
+def capacity(profile: str) -> dict:
+    """Eight long prompts at once into a pool of 160 blocks: how many run together."""
+    llm = make_llm(profile, num_gpu_blocks_override=160, max_model_len=1024)
+    sched = scheduler(llm)
+    running: list[int] = []
+    preempted: list[str] = []
+    original = sched._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    sched._preempt_request = counting
+    start = time.monotonic()
+    prompts = {f"c{i}": listing_prompt(f"boat {i}") for i in range(8)}
+    done = run(llm, prompts, 16, on_step=lambda: running.append(len(sched.running)))
+    return {"max_running": max(running), "steps": len(running), "preemptions": len(preempted),
+            "seconds": time.monotonic() - start, "finished": len(done)}
+
+
 def main() -> None:
     scenario, profile, out = sys.argv[1:4]
-    report = {"blocks": blocks, "preemption": preemption}[scenario](profile)
+    report = {"blocks": blocks, "preemption": preemption, "policy": policy,
+              "capacity": capacity}[scenario](profile)
     with open(out, "w") as f:
         json.dump(report, f)
     sys.stdout.flush()

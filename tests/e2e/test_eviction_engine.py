@@ -25,8 +25,12 @@ eviction: {policy: adakv, budget_fraction: 0.25, min_tokens: 64, window_tokens: 
 
 
 def scenario(name: str, tmp_path: Path, smollm2_path) -> dict:
-    profile = tmp_path / "adakv.yaml"
-    profile.write_text(PROFILE)
+    return scenario_with(PROFILE, name, tmp_path)
+
+
+def scenario_with(profile_text: str, name: str, tmp_path: Path) -> dict:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(profile_text)
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), name, str(profile), str(out)],
                           env=cpu_env(), capture_output=True, text=True, timeout=900)
@@ -97,3 +101,30 @@ def test_preemption_and_recompute_give_the_same_output(smollm2_path, tmp_path):
         # this guards against) measured 0.68.
         assert max(diff[:12]) == 0.0, case["when"]
         assert max(diff) < 0.2, (case["when"], diff)
+
+
+@pytest.mark.parametrize("policy", ["pyramidkv", "streamingllm"])
+def test_other_policies_return_their_planned_blocks(policy, smollm2_path, tmp_path):
+    profile = PROFILE.replace("adakv", policy)
+    r = scenario_with(profile, "policy", tmp_path)
+    prompt_len = r["long"]["prompt_len"]
+    tail = prompt_len // 16
+    if policy == "pyramidkv":  # its first layer keeps the most: that layer sets the blocks
+        assert r["plan"]["keep"] > math.ceil(max(math.floor(0.25 * prompt_len), 64) / 16)
+    else:
+        assert r["plan"]["keep"] == math.ceil(max(math.floor(0.25 * prompt_len), 64) / 16)
+    assert r["plan"]["freed"] == tail - r["plan"]["keep"] > 0
+    assert r["blocks_returned"] == r["plan"]["freed"]
+    lowest = min(r["trace"])
+    assert r["trace"][r["trace"].index(lowest) + 1] - lowest == r["plan"]["freed"]
+    assert r["long"]["text"].strip()
+
+
+def test_more_requests_run_at_once(smollm2_path, tmp_path):
+    # 8 prompts of 721 tokens (+16 generated) into 160 blocks of 16: without eviction a
+    # request holds 47 blocks, so at most 3 run at once (measured: 3, 53 steps); evicted
+    # to 25 % a request holds 13 + its tail
+    r = scenario("capacity", tmp_path, smollm2_path)
+    assert r["finished"] == 8
+    assert r["max_running"] > 160 // math.ceil((721 + 16) / 16)
+    assert r["max_running"] >= 6
