@@ -5,6 +5,8 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0, so the scheduler's block pool can be read betw
 
     python tests/e2e/eviction_engine.py blocks PROFILE OUT.json
     python tests/e2e/eviction_engine.py preemption PROFILE OUT.json
+    python tests/e2e/eviction_engine.py policy PROFILE OUT.json
+    python tests/e2e/eviction_engine.py capacity PROFILE OUT.json
 
 `blocks`: one long prompt stepped alone (free blocks of vLLM's pool at every step), the
 same prompt again, a short prompt twice (below the eviction threshold: prefix-cached), a
@@ -14,6 +16,8 @@ and the short prompt a third time (its cached blocks must be intact).
 path, forced between two steps) after it generated tokens, and another one preempted in
 the middle of its prefill; greedy outputs of both. One request at a time, so that the
 batch shapes (and vLLM's CPU GEMMs' last bits) are the same in both runs.
+`policy`: one long prompt, blocks returned against the plan. `capacity`: eight long
+prompts at once into 160 blocks, the most requests running in one step.
 """
 
 from __future__ import annotations
@@ -184,13 +188,14 @@ def capacity(profile: str) -> dict:
     prompts = {f"c{i}": listing_prompt(f"boat {i}") for i in range(8)}
     done = run(llm, prompts, 16, on_step=lambda: running.append(len(sched.running)))
     return {"max_running": max(running), "steps": len(running), "preemptions": len(preempted),
-            "seconds": time.monotonic() - start, "finished": len(done)}
+            "seconds": time.monotonic() - start, "finished": len(done),
+            "outputs": {rid: d["tokens"] for rid, d in done.items()}}
 
 
 def main() -> None:
     scenario, profile, out = sys.argv[1:4]
     report = {"blocks": blocks, "preemption": preemption, "policy": policy,
-              "capacity": capacity}[scenario](profile)
+              "capacity": capacity, "pressure": pressure}[scenario](profile)
     with open(out, "w") as f:
         json.dump(report, f)
     sys.stdout.flush()
