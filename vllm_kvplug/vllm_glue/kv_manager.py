@@ -71,6 +71,8 @@ class EvictionPlanner:
         return kept / (self.num_layers * prompt_len)
 
 
+# Without stats (offline engines by default) nothing drains the counters: bound the list.
+MAX_PENDING_FRACTIONS = 10_000
 _lock = threading.Lock()
 _planner: EvictionPlanner | None = None
 COUNTERS = EvictionCounters()
@@ -115,7 +117,8 @@ class EvictingKVManager(FullAttentionManager):
             COUNTERS.blocks_returned += self.block_pool.get_num_free_blocks() - free_before
             fraction = self.planner.kept_fraction(num_prompt_tokens)
             COUNTERS.tokens_evicted += (1.0 - fraction) * num_prompt_tokens
-            COUNTERS.kept_fractions.append(fraction)
+            if len(COUNTERS.kept_fractions) < MAX_PENDING_FRACTIONS:  # stats may be off
+                COUNTERS.kept_fractions.append(fraction)
 
     def cache_blocks(self, request, num_tokens: int, retention_interval=None) -> None:
         if self.planner.plan(request.num_prompt_tokens) is not None:
