@@ -211,3 +211,14 @@ def test_eviction_counters_travel_in_scheduler_stats_and_leave_no_trace():
     take_payload(other)
     assert other.kv_connector_stats == {"nixl": {"x": 1}}  # a real connector's data stays
     assert take_payload(SchedulerStats()) is None
+
+
+def test_engine_config_refuses_eviction_without_quantization(tmp_path):
+    install()
+    from vllm.engine.arg_utils import EngineArgs
+
+    path = tmp_path / "plain.yaml"
+    path.write_text("name: plain\neviction: {policy: snapkv, budget_fraction: 0.5}\n")
+    args = EngineArgs(model="unused", additional_config={"kv_compression": str(path)})
+    with pytest.raises(ProfileError, match="eviction.policy='snapkv'.*quantization.method"):
+        args.create_engine_config()
