@@ -81,7 +81,7 @@ def measure(run: EngineRun, args: dict) -> dict:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(function)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray_started = start_ray(args) if run.backend == "ray" else False
+    ray_started = start_ray(args) if run.backend == "ray" and args.get("ray_prestart") else False
     from vllm import LLM, SamplingParams
 
     from vllm_kvplug.rank_report import attention_report
@@ -274,7 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="disable CUDA graphs / torch.compile (faster start)")
-    parser.add_argument("--ray-num-cpus", type=int, default=None)
+    parser.add_argument("--ray-prestart", action="store_true",
+                        help="start Ray in the benchmark child and hand its address to vLLM "
+                             "(RAY_ADDRESS). Default: vLLM's engine core starts Ray itself, as "
+                             "`vllm serve --distributed-executor-backend ray` does on one node; "
+                             "on the 2 x H200 host the prestarted cluster hung vLLM's placement "
+                             "group creation (bench/results-h200/README-tp.md)")
+    parser.add_argument("--ray-num-cpus", type=int, default=None,
+                        help="with --ray-prestart: CPUs the Ray instance advertises")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--out-dir", default="bench/results")
@@ -289,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                   "output_len": ns.output_len, "dtype": ns.dtype,
                   "gpu_memory_utilization": ns.gpu_memory_utilization,
                   "max_num_seqs": ns.max_num_seqs, "enforce_eager": ns.enforce_eager,
-                  "ray_num_cpus": ns.ray_num_cpus, "seed": ns.seed}
+                  "ray_num_cpus": ns.ray_num_cpus, "ray_prestart": ns.ray_prestart,
+                  "seed": ns.seed}
     out_dir = Path(ns.out_dir)
     work_dir = out_dir / f"{ns.tag}-work"
     results: dict[str, dict[int, dict]] = {}
