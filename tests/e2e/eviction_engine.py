@@ -195,7 +195,7 @@ def capacity(profile: str) -> dict:
 def main() -> None:
     scenario, profile, out = sys.argv[1:4]
     report = {"blocks": blocks, "preemption": preemption, "policy": policy,
-              "capacity": capacity, "pressure": pressure}[scenario](profile)
+              "capacity": capacity}[scenario](profile)
     with open(out, "w") as f:
         json.dump(report, f)
     sys.stdout.flush()
