@@ -222,3 +222,123 @@ def test_engine_config_refuses_eviction_without_quantization(tmp_path):
     args = EngineArgs(model="unused", additional_config={"kv_compression": str(path)})
     with pytest.raises(ProfileError, match="eviction.policy='snapkv'.*quantization.method"):
         args.create_engine_config()
+
+
+def test_opt_out_field_is_validated_by_vllms_logits_processor_hook():
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    from vllm_kvplug.vllm_glue.eviction_request import VALIDATOR, add_validator, evicts
+
+    def check(extra):  # what SamplingParams.verify runs in the front end
+        validate_logits_processors_parameters([VALIDATOR], SamplingParams(extra_args=extra))
+
+    for extra in (None, {}, {"kvplug_eviction": "on"}, {"kvplug_eviction": "off"},
+                  {"kvplug_chunks": ["a"], "kv_transfer_params": {"x": 1}}):
+        check(extra)
+    for bad in ("no", "OFF", True, 0, ["off"]):
+        with pytest.raises(VLLMValidationError, match=r"vllm_xargs.kvplug_eviction: must be "
+                                                      r"\"on\" or \"off\"") as e:
+            check({"kvplug_eviction": bad})
+        assert e.value.parameter == "vllm_xargs.kvplug_eviction"
+    with pytest.raises(VLLMValidationError, match="vllm_xargs.kvplug_evict: unknown field"):
+        check({"kvplug_evict": "off"})
+    assert evicts(SamplingParams()) and evicts(None)
+    assert evicts(SamplingParams(extra_args={"kvplug_eviction": "on"}))
+    assert not evicts(SamplingParams(extra_args={"kvplug_eviction": "off"}))
+    # --kv-compression with an eviction profile adds it; the user's own processors stay
+    args = SimpleNamespace(logits_processors=["my.mod:Proc"])
+    add_validator(args)
+    add_validator(args)
+    assert args.logits_processors == ["my.mod:Proc", VALIDATOR]
+
+
+def test_manager_serves_an_opted_out_request_like_the_quantized_profile():
+    install()
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    from vllm_kvplug.vllm_glue.kv_manager import COUNTERS
+
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    init_none_hash(sha256)
+    manager, pool = make_manager()
+    prompt = 300
+    off = Request("off", list(range(prompt)), SamplingParams(
+        max_tokens=4, extra_args={"kvplug_eviction": "off"}), None,
+        block_hasher=get_request_block_hasher(16, sha256))
+    on = Request("on", list(range(prompt)), SamplingParams(
+        max_tokens=4, extra_args={"kvplug_eviction": "on"}), None, block_hasher=None)
+    assert not off.skip_reading_prefix_cache and on.skip_reading_prefix_cache
+    assert "off" in manager.planner.opted_out and "on" not in manager.planner.opted_out
+    allocate(manager, "off", prompt)
+    free, returned = pool.get_num_free_blocks(), COUNTERS.blocks_returned
+    manager.remove_skipped_blocks("off", prompt + 8, prompt)
+    assert pool.get_num_free_blocks() == free and COUNTERS.blocks_returned == returned
+    assert not any(b.is_null for b in manager.req_to_blocks["off"])
+    manager.cache_blocks(off, prompt)  # hashed like any request's blocks
+    assert manager.num_cached_block["off"] == prompt // 16
+    # preempted (all blocks freed) and resumed: the same Request, still opted out
+    manager.free("off")
+    allocate(manager, "off", prompt)
+    manager.remove_skipped_blocks("off", prompt, prompt)
+    assert not any(b.is_null for b in manager.req_to_blocks["off"])
+    manager.free("off")
+    del off  # the scheduler drops a finished request: its entry goes with it
+    import gc
+
+    gc.collect()
+    assert "off" not in manager.planner.opted_out
+
+
+def test_worker_rows_do_not_evict_an_opted_out_request():
+    from vllm import SamplingParams
+
+    from vllm_kvplug.vllm_glue import eviction_rows
+    from vllm_kvplug.vllm_glue.eviction_rows import attend, batch_rows
+
+    # the runner's view: input batch rows and its per-request states (kept through
+    # preemption, dropped when the request finishes)
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=["on", "off", None], num_prompt_tokens=[300, 300, 0]),
+        requests={"on": SimpleNamespace(sampling_params=SamplingParams()),
+                  "off": SimpleNamespace(sampling_params=SamplingParams(
+                      extra_args={"kvplug_eviction": "off"}))})
+    rows = batch_rows(runner, 2)
+    assert rows.req_ids == ("on", "off") and rows.prompt_lens == (300, 300)
+    assert rows.opted_out == {"off"}
+
+    policy = spec().policy()
+    recipe = KVRecipe.from_section(load_profile("int4-hadamard").profile.quantization)
+    layout = PagedLayout(recipe, 2, 64, 16)
+    cache = torch.zeros(24, layout.page_bytes, dtype=torch.uint8)
+    torch.manual_seed(0)
+    n = 300
+    table = torch.arange(2, 22)[None]
+    pos = torch.arange(n + 1)
+    write_reference(cache, torch.randn(n + 1, 2, 64), torch.randn(n + 1, 2, 64),
+                    table[0, pos // 16] * 16 + pos % 16, layout)
+    before = cache.clone()
+    query = torch.randn(n, 4, 64)
+    eviction_rows.states().clear()
+    only_off = eviction_rows.BatchRows(("off",), (n,), frozenset({"off"}))
+    out = attend(policy, 4, 0, only_off, query, cache, table, torch.tensor([n]),
+                 torch.tensor([0, n]), layout, 0.125)
+    torch.testing.assert_close(out, attention_reference(
+        query, cache, table, torch.tensor([n]), torch.tensor([0, n]), layout, 0.125))
+    assert "off" not in eviction_rows.states()
+    assert torch.equal(cache, before)  # no compaction
+    # its decode step (position 300) sees the full prompt, no eviction state needed
+    q1 = torch.randn(1, 4, 64)
+    out = attend(policy, 4, 0, only_off, q1, cache, table, torch.tensor([n + 1]),
+                 torch.tensor([0, 1]), layout, 0.125)
+    torch.testing.assert_close(out, attention_reference(
+        q1, cache, table, torch.tensor([n + 1]), torch.tensor([0, 1]), layout, 0.125))
+    # the same prompt opted in is compacted
+    attend(policy, 4, 0, eviction_rows.BatchRows(("on",), (n,)), query, cache, table,
+           torch.tensor([n]), torch.tensor([0, n]), layout, 0.125)
+    assert eviction_rows.states()["on"].compacted(0) and not torch.equal(cache, before)
+    eviction_rows.states().clear()

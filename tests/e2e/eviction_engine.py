@@ -7,6 +7,7 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0, so the scheduler's block pool can be read betw
     python tests/e2e/eviction_engine.py preemption PROFILE OUT.json
     python tests/e2e/eviction_engine.py policy PROFILE OUT.json
     python tests/e2e/eviction_engine.py capacity PROFILE OUT.json
+    python tests/e2e/eviction_engine.py optout PROFILE OUT.json
 
 `blocks`: one long prompt stepped alone (free blocks of vLLM's pool at every step), the
 same prompt again, a short prompt twice (below the eviction threshold: prefix-cached), a
@@ -18,6 +19,8 @@ the middle of its prefill; greedy outputs of both. One request at a time, so tha
 batch shapes (and vLLM's CPU GEMMs' last bits) are the same in both runs.
 `policy`: one long prompt, blocks returned against the plan. `capacity`: eight long
 prompts at once into 160 blocks, the most requests running in one step.
+`optout`: a long prompt sent with `kvplug_eviction: "off"` alone, again preempted after
+12 generated tokens, and opted in; free blocks and eviction counters of each.
 """
 
 from __future__ import annotations
@@ -63,13 +66,13 @@ def make_llm(profile: str, **extra):
 
 
 def run(llm, prompts: dict[str, str], max_tokens: int, pool_trace: list | None = None,
-        on_step=None):
+        on_step=None, extra_args: dict | None = None):
     """Greedy outputs {id: {tokens, cached}} of prompts added together, stepped to the end."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            logprobs=0)
+                            logprobs=0, extra_args=extra_args)
     for rid, prompt in prompts.items():
         engine.add_request(rid, prompt, params)
     pool = scheduler(llm).kv_cache_manager.block_pool
@@ -192,10 +195,51 @@ def capacity(profile: str) -> dict:
             "outputs": {rid: d["tokens"] for rid, d in done.items()}}
 
 
+def optout(profile: str) -> dict:
+    """An opted-out long prompt: alone, preempted after 12 tokens (vLLM's own
+    `_preempt_request`), then the same prompt opted in."""
+    from vllm_kvplug.vllm_glue import kv_manager
+
+    llm = make_llm(profile)
+    sched = scheduler(llm)
+    off = {"kvplug_eviction": "off"}
+    prompt = listing_prompt("river")
+    report = {}
+    trace: list[int] = []
+    report["alone"] = run(llm, {"o": prompt}, MAX_TOKENS, trace, extra_args=off)["o"]
+    report["trace"] = trace
+    report["counters_after_alone"] = kv_manager.COUNTERS.requests
+    events: list[dict] = []
+
+    def preempt_once():
+        request = next((r for k, r in sched.requests.items() if k.startswith("op")), None)
+        if events or request is None or request not in sched.running:
+            return
+        if request.num_output_tokens >= 12:
+            events.append({"computed": request.num_computed_tokens,
+                           "outputs": request.num_output_tokens})
+            sched.running.remove(request)
+            sched._preempt_request(request, time.monotonic())
+
+    report["preempted"] = run(llm, {"op": prompt}, MAX_TOKENS, on_step=preempt_once,
+                              extra_args=off)["op"]
+    report["events"] = events
+    report["counters_after_preempted"] = kv_manager.COUNTERS.requests
+    report["on"] = run(llm, {"on": prompt}, MAX_TOKENS,
+                       extra_args={"kvplug_eviction": "on"})["on"]
+    report["counters_after_on"] = kv_manager.COUNTERS.requests
+    try:
+        run(llm, {"bad": prompt}, 4, extra_args={"kvplug_eviction": "no"})
+        report["bad"] = None
+    except ValueError as e:
+        report["bad"] = str(e)
+    return report
+
+
 def main() -> None:
     scenario, profile, out = sys.argv[1:4]
     report = {"blocks": blocks, "preemption": preemption, "policy": policy,
-              "capacity": capacity}[scenario](profile)
+              "capacity": capacity, "optout": optout}[scenario](profile)
     with open(out, "w") as f:
         json.dump(report, f)
     sys.stdout.flush()

@@ -128,3 +128,24 @@ def test_more_requests_run_at_once(smollm2_path, tmp_path):
     assert r["finished"] == 8
     assert r["max_running"] > 160 // math.ceil((721 + 16) / 16)
     assert r["max_running"] >= 6
+
+
+def test_an_opted_out_request_is_not_evicted_through_preemption(smollm2_path, tmp_path):
+    r = scenario("optout", tmp_path, smollm2_path)
+    prompt_len = r["alone"]["prompt_len"]
+    assert prompt_len // 16 - math.ceil(max(math.floor(0.25 * prompt_len), 64) / 16) > 0
+    # alone: nothing evicted, the pool only shrinks while it runs (no gap returned)
+    assert r["counters_after_alone"] == 0
+    trace = r["trace"][:-1]  # the last step finishes the request and frees everything
+    assert all(b <= a for a, b in zip(trace, trace[1:])), trace
+    # preempted after 12 tokens and resumed: still not evicted, same greedy tokens
+    # (the recompute reads its own prefix-cached blocks, as without eviction)
+    assert r["events"] and r["events"][0]["outputs"] == 12
+    assert r["counters_after_preempted"] == 0
+    assert r["preempted"]["tokens"] == r["alone"]["tokens"]
+    # the first run's blocks were hashed: the second read them from the prefix cache
+    assert r["preempted"]["cached"] > 0
+    # opted in, the same prompt is evicted (and reads no prefix cache)
+    assert r["counters_after_on"] == 1 and r["on"]["cached"] == 0
+    # a bad value is refused before it reaches the engine, naming the field
+    assert r["bad"] and "vllm_xargs.kvplug_eviction" in r["bad"]

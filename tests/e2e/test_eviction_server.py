@@ -59,3 +59,44 @@ def test_serves_a_long_prompt_with_eviction_and_exports_metrics(adakv_server):
     assert metric(text, "vllm:prefix_cache_hits_total") == hits
     assert metric(text, "kvplug_eviction_requests_total") == 2
     assert metric(text, "kvplug_eviction_blocks_returned_total") == 2 * freed
+
+
+def test_a_request_can_opt_out_of_eviction_and_bad_values_are_a_400(adakv_server):
+    import requests
+
+    story = " ".join(f"Line {i}: the boat keeps drifting past the old pier." for i in range(60))
+    question = story + "\nWhat keeps drifting past the old pier?"
+    off = {"vllm_xargs": {"kvplug_eviction": "off"}}
+    text = adakv_server.metrics()
+    requests_before = metric(text, "kvplug_eviction_requests_total")
+    returned_before = metric(text, "kvplug_eviction_blocks_returned_total")
+    hits_before = metric(text, "vllm:prefix_cache_hits_total")
+    reply = adakv_server.chat(question, max_tokens=8, **off)
+    assert answer(reply).strip() and reply["usage"]["prompt_tokens"] > 3 * BLOCK
+    text = adakv_server.metrics()
+    # not evicted: no block returned, no eviction counted
+    assert metric(text, "kvplug_eviction_requests_total") == requests_before
+    assert metric(text, "kvplug_eviction_blocks_returned_total") == returned_before
+    # its blocks were hashed like any request's: the same prompt again hits the cache
+    again = adakv_server.chat(question, max_tokens=8, **off)
+    assert answer(again) == answer(reply)
+    text = adakv_server.metrics()
+    assert metric(text, "vllm:prefix_cache_hits_total") > hits_before
+    assert metric(text, "kvplug_eviction_requests_total") == requests_before
+    # the same prompt with "on" (the default) is evicted
+    adakv_server.chat(question, max_tokens=8, vllm_xargs={"kvplug_eviction": "on"})
+    text = adakv_server.metrics()
+    assert metric(text, "kvplug_eviction_requests_total") == requests_before + 1
+    assert metric(text, "kvplug_eviction_blocks_returned_total") > returned_before
+    # a bad value or a misspelled field: 400 naming the field, the server keeps serving
+    for xargs, message in (({"kvplug_eviction": "no"}, "vllm_xargs.kvplug_eviction: must be"),
+                           ({"kvplug_evict": "off"}, "vllm_xargs.kvplug_evict: unknown field")):
+        body = {"model": "smollm2", "max_tokens": 4, "vllm_xargs": xargs,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        response = requests.post(adakv_server.url + "/v1/chat/completions", json=body,
+                                 timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert message in error["message"], response.text
+        assert error["param"] == "vllm_xargs." + next(iter(xargs)), response.text
+    assert answer(adakv_server.chat("Hello", max_tokens=4)).strip()

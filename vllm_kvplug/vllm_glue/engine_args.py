@@ -64,6 +64,10 @@ def patch_engine_args() -> None:
             check_model, select_backend
 
         check_eviction(self, resolved)
+        if resolved.profile.eviction.policy != "none":
+            from vllm_kvplug.vllm_glue.eviction_request import add_validator
+
+            add_validator(self)  # vllm_xargs.kvplug_eviction: bad values are a 400
         select_backend(self, resolved)
         vllm_config = original_create_engine_config(self, *args, **kwargs)
         check_model(vllm_config, resolved)

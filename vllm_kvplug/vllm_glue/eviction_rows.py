@@ -5,14 +5,18 @@ reliable source is the model runner's own input batch, whose row order is the at
 metadata's: `patch_model_runner` wraps `GPUModelRunner._build_attention_metadata` (the V1
 runner, which vLLM's CPU runner subclasses) to record `input_batch.req_ids` and
 `input_batch.num_prompt_tokens` of the step's rows just before the metadata builders run
-(`current_rows`); dummy/profiling runs (no `num_scheduled_tokens`) record nothing. It
-also wraps `_update_states` to drop the state of finished and preempted requests.
+(`current_rows`), and which of them opted out of eviction (`eviction_request.evicts` on
+the runner's `CachedRequestState.sampling_params`, which the runner keeps from the new
+request's data until the request finishes, preemption included); dummy/profiling runs
+(no `num_scheduled_tokens`) record nothing. It also wraps `_update_states` to drop the
+state of finished and preempted requests.
 Keying on request ids (rather than on a request's first block id) survives preemption
 (new blocks) and needs no block-id uniqueness argument.
 
 `attend` is the CPU attention forward of one layer when the engine evicts: each row's
-request either has a prompt too short to evict (normal paged attention) or is served by
-its `vllm_kvplug.eviction.serving.EvictedRequest` (created when its prefill starts).
+request either has a prompt too short to evict or opted out (normal paged attention) or
+is served by its `vllm_kvplug.eviction.serving.EvictedRequest` (created when its prefill
+starts).
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ import torch
 from vllm_kvplug.eviction.packed import packed_plan
 from vllm_kvplug.eviction.serving import EvictedRequest
 from vllm_kvplug.quant.paged import PagedLayout, attention_reference
+from vllm_kvplug.vllm_glue.eviction_request import evicts
 
 
 @dataclass(frozen=True)
 class BatchRows:
-    """Request id and prompt length of every row of one step's batch."""
+    """Request id and prompt length of every row of one step's batch, and the ids of
+    the requests that opted out of eviction."""
 
     req_ids: tuple[str, ...]
     prompt_lens: tuple[int, ...]
+    opted_out: frozenset[str] = frozenset()
 
 
 _current: BatchRows | None = None
@@ -48,6 +55,16 @@ def states() -> dict[str, EvictedRequest]:
     return _states
 
 
+def batch_rows(runner, num_reqs: int) -> BatchRows:
+    """The rows of the step a V1 model runner is about to run (its input batch's order)."""
+    batch, requests = runner.input_batch, runner.requests
+    ids = tuple(batch.req_ids[:num_reqs])
+    opted_out = frozenset(rid for rid in ids if rid in requests
+                          and not evicts(requests[rid].sampling_params))
+    return BatchRows(ids, tuple(int(n) for n in batch.num_prompt_tokens[:num_reqs]),
+                     opted_out)
+
+
 def patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -61,10 +78,7 @@ def patch_model_runner() -> None:
         global _current
         _current = None
         if kwargs.get("num_scheduled_tokens") is not None:
-            num_reqs = kwargs["num_reqs"]
-            batch = self.input_batch
-            _current = BatchRows(tuple(batch.req_ids[:num_reqs]),
-                                 tuple(int(n) for n in batch.num_prompt_tokens[:num_reqs]))
+            _current = batch_rows(self, kwargs["num_reqs"])
         return build(self, *args, **kwargs)
 
     @functools.wraps(update)
@@ -100,7 +114,7 @@ def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Te
             continue
         position = lens[i] - (end - start)
         plan = _plan(policy, prompt_len, num_layers, layout.block_size)
-        if plan is None:
+        if plan is None or rid in rows.opted_out:
             out[start:end] = attention_reference(
                 query[start:end], cache, block_table[i:i + 1], seq_lens[i:i + 1],
                 torch.tensor([0, end - start], device=query.device), layout, scale)

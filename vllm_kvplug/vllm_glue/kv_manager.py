@@ -18,6 +18,12 @@ vLLM's R-SWA manager, which frees a middle gap of a running request:
   that will be evicted): compaction must not overwrite shared blocks.
 - Preemption frees all blocks (vLLM's `free`); the recompute allocates them again and the
   gap is freed again once the prompt is processed.
+- A request that sent `vllm_xargs.kvplug_eviction = "off"` (`eviction_request.evicts`) is
+  served like any request of the plain quantized profile: nothing freed, hashed and
+  prefix-cached as usual. `patch_request` records such requests at creation in
+  `EvictionPlanner.opted_out` (weak references: the entry goes with the `Request`, which
+  the scheduler keeps through preemption until the request finishes), since
+  `remove_skipped_blocks` gets only the request id.
 
 Engine-core counters for the metrics are kept in `EvictionCounters` (drained into
 vLLM's scheduler stats by `eviction_metrics`).
@@ -27,12 +33,14 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvplug.eviction.packed import PackedPlan, layer_budget, packed_plan
 from vllm_kvplug.eviction.policies import EvictionPolicy
+from vllm_kvplug.vllm_glue.eviction_request import evicts
 
 
 @dataclass
@@ -57,12 +65,24 @@ class EvictionPlanner:
 
     def __init__(self, policy: EvictionPolicy, num_layers: int, block_size: int):
         self.policy, self.num_layers, self.block_size = policy, num_layers, block_size
+        # requests that opted out of eviction, by id (the Request itself is the value)
+        self.opted_out: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one planner per engine)
     def plan(self, prompt_len: int) -> PackedPlan | None:
         if prompt_len <= 0:
             return None
         return packed_plan(self.policy, prompt_len, self.num_layers, self.block_size)
+
+    def plan_for(self, request_id: str, prompt_len: int) -> PackedPlan | None:
+        """The request's plan, None if it is not evicted (too short or opted out)."""
+        if request_id in self.opted_out:
+            return None
+        return self.plan(prompt_len)
+
+    def evicts(self, request) -> bool:
+        return evicts(request.sampling_params) and self.plan(request.num_prompt_tokens) \
+            is not None
 
     def kept_fraction(self, prompt_len: int) -> float:
         """Share of the prompt's (layer, head, token) entries the policy budgets keep."""
@@ -103,7 +123,7 @@ class EvictingKVManager(FullAttentionManager):
                               num_prompt_tokens: int | None = None) -> None:
         if num_prompt_tokens is None or request_id in self._freed:
             return
-        plan = self.planner.plan(num_prompt_tokens)
+        plan = self.planner.plan_for(request_id, num_prompt_tokens)
         if plan is None or processed_computed_tokens < num_prompt_tokens:
             return
         blocks = self.req_to_blocks.get(request_id)
@@ -121,7 +141,7 @@ class EvictingKVManager(FullAttentionManager):
                 COUNTERS.kept_fractions.append(fraction)
 
     def cache_blocks(self, request, num_tokens: int, retention_interval=None) -> None:
-        if self.planner.plan(request.num_prompt_tokens) is not None:
+        if self.planner.evicts(request):
             request.skip_reading_prefix_cache = True
             return  # compaction rewrites these blocks: never hash them
         super().cache_blocks(request, num_tokens, retention_interval=retention_interval)
@@ -139,7 +159,8 @@ class EvictingKVManager(FullAttentionManager):
 
 
 def patch_request() -> None:
-    """Requests whose prompt will be evicted skip the prefix cache from the start."""
+    """Requests whose prompt will be evicted skip the prefix cache from the start; those
+    that opted out are recorded for the manager (`EvictionPlanner.opted_out`)."""
     from vllm.v1.request import Request
 
     if getattr(Request, "_kvplug_patched", False):
@@ -149,8 +170,11 @@ def patch_request() -> None:
     @functools.wraps(original)
     def get_skip_reading_prefix_cache(self) -> bool:
         planner = _planner
-        if planner is not None and planner.plan(self.num_prompt_tokens) is not None:
-            return True
+        if planner is not None:
+            if not evicts(self.sampling_params):
+                planner.opted_out[self.request_id] = self
+            elif planner.plan(self.num_prompt_tokens) is not None:
+                return True
         return original(self)
 
     Request.get_skip_reading_prefix_cache = get_skip_reading_prefix_cache
