@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +28,15 @@ def cpu_env() -> dict[str, str]:
     cores = os.cpu_count() or 1
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
     return env
+
+
+def run_script(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python ARGS` from the repository root with the CPU environment; fail the test
+    with the script's output tails unless it exits 0."""
+    proc = subprocess.run([sys.executable, *args], cwd=Path(__file__).resolve().parents[2],
+                          env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def model_args(model: Path, extra: list[str]) -> list[str]:

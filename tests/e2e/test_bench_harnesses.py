@@ -6,23 +6,18 @@ harnesses produce complete, self-consistent reports from a real engine.
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.server import cpu_env
+from tests.e2e.server import run_script
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(args: list[str]):
+    return run_script(args, timeout=900)
 
 
 def test_quality_harness(smollm2_path, tmp_path):

@@ -7,26 +7,21 @@ use with bytes written, and the report files are complete.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.server import cpu_env
+from tests.e2e.server import run_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from tiny_model import TinyLlama, build  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(args: list[str]):
+    return run_script(args, timeout=600)
 
 
 def test_tp_consistency_harness_tp1(tmp_path):
