@@ -24,6 +24,7 @@ positions need no change. Pure PyTorch over `vllm_kvplug.quant.paged.PagedLayout
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,9 +66,13 @@ def layer_budget(policy: EvictionPolicy, prompt_len: int, num_layers: int,
     return policy.head_budget(prompt_len)
 
 
+@functools.lru_cache(maxsize=4096)
 def packed_plan(policy: EvictionPolicy, prompt_len: int, num_layers: int,
                 block_size: int) -> PackedPlan | None:
-    """The plan of a prompt, or None when eviction would free no block (not evicted)."""
+    """The plan of a prompt, or None when eviction would free no block (not evicted).
+
+    Cached (policies and plans are frozen): the scheduler asks for every allocation of an
+    evicted request and the workers for every layer of every step."""
     if prompt_len <= 0 or block_size <= 0 or num_layers <= 0:
         raise ValueError(f"bad prompt_len {prompt_len}, num_layers {num_layers} or "
                          f"block_size {block_size}")

@@ -94,11 +94,6 @@ def patch_model_runner() -> None:
     GPUModelRunner._kvplug_rows_patched = True
 
 
-@functools.lru_cache(maxsize=4096)
-def _plan(policy, prompt_len: int, num_layers: int, block_size: int):
-    return packed_plan(policy, prompt_len, num_layers, block_size)
-
-
 def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Tensor,
            cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
            query_start_loc: torch.Tensor, layout: PagedLayout, scale: float) -> torch.Tensor:
@@ -113,7 +108,7 @@ def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Te
         if end == start:
             continue
         position = lens[i] - (end - start)
-        plan = _plan(policy, prompt_len, num_layers, layout.block_size)
+        plan = packed_plan(policy, prompt_len, num_layers, layout.block_size)
         if plan is None or rid in rows.opted_out:
             out[start:end] = attention_reference(
                 query[start:end], cache, block_table[i:i + 1], seq_lens[i:i + 1],

@@ -68,7 +68,6 @@ class EvictionPlanner:
         # requests that opted out of eviction, by id (the Request itself is the value)
         self.opted_out: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one planner per engine)
     def plan(self, prompt_len: int) -> PackedPlan | None:
         if prompt_len <= 0:
             return None
