@@ -41,6 +41,10 @@ class BatchRows:
     prompt_lens: tuple[int, ...]
     opted_out: frozenset[str] = frozenset()
 
+    def policy(self, row: int, default):
+        """The eviction policy of batch row `row` (None: its prompt is kept whole)."""
+        return None if self.req_ids[row] in self.opted_out else default
+
 
 _current: BatchRows | None = None
 _states: dict[str, EvictedRequest] = {}
@@ -108,8 +112,10 @@ def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Te
         if end == start:
             continue
         position = lens[i] - (end - start)
-        plan = packed_plan(policy, prompt_len, num_layers, layout.block_size)
-        if plan is None or rid in rows.opted_out:
+        row_policy = rows.policy(i, policy)
+        plan = None if row_policy is None else packed_plan(row_policy, prompt_len,
+                                                           num_layers, layout.block_size)
+        if plan is None:
             out[start:end] = attention_reference(
                 query[start:end], cache, block_table[i:i + 1], seq_lens[i:i + 1],
                 torch.tensor([0, end - start], device=query.device), layout, scale)
@@ -119,7 +125,7 @@ def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Te
             if position != 0:
                 raise RuntimeError(f"request {rid}: no eviction state at position "
                                    f"{position} (its prefill was not seen from the start)")
-            state = _states[rid] = EvictedRequest(policy, plan, num_layers)
+            state = _states[rid] = EvictedRequest(row_policy, plan, num_layers)
         out[start:end] = state.attend(layer, query[start:end], position, cache, layout,
                                       block_table[i], scale)
     return out
