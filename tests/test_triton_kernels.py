@@ -382,3 +382,87 @@ def test_unpack_asm_gives_exact_codes(bits):
         for word in words:
             want = [(word >> (8 * k + bits * slice_)) & ((1 << bits) - 1) for k in range(4)]
             assert _emulate_unpack_asm(asm, word) == want, (bits, slice_, hex(word))
+
+
+# ------------------------------------------------- paged_attention over evicted requests
+
+def _evict_into_batch(batch, layout, seq, prompt_len, policy, seed):
+    """Evict sequence `seq`'s prompt (random scores) into the head-packed layout like the
+    worker does, scribble over the blocks it frees (another request may reuse them), and
+    return (offsets [H + 1], plan)."""
+    from vllm_kvplug.eviction.packed import compact, packed_plan, plan_layer
+
+    g = torch.Generator().manual_seed(seed)
+    plan = packed_plan(policy, prompt_len, 1, layout.block_size)
+    assert plan is not None and plan.blocks_freed > 0
+    # heads with sharper or flatter score profiles, so Ada-KV's budgets differ by head
+    sharpness = 1.0 + 6.0 * torch.arange(layout.num_kv_heads, dtype=torch.float32)[:, None]
+    scores = torch.rand(layout.num_kv_heads, prompt_len, generator=g) ** sharpness
+    _, kept = plan_layer(policy, 0, 1, prompt_len, scores)
+    block_ids = batch["block_table"][seq]
+    offsets = compact(batch["cache"], layout, block_ids, kept, plan)
+    freed = block_ids[plan.num_keep_blocks:plan.tail_block].long()
+    batch["cache"][freed] = torch.randint(0, 256, (len(freed), layout.page_bytes),
+                                          generator=g, dtype=torch.uint8)
+    return offsets, plan
+
+
+EVICTED_CASES = {
+    # name: (kbits, vbits, group, hb, kv heads, q heads, D, block, seq_lens, q_lens,
+    #        {seq: prompt_len} evicted, splits)
+    "decode_adakv_k4v4_gqa4": (4, 4, 32, 32, 2, 8, 64, 16, [150, 37, 211], [1, 1, 1],
+                               {0: 140, 2: 200}, None),
+    "decode_split_k2v2_gqa2": (2, 2, 32, 64, 4, 8, 64, 16, [260, 90], [1, 1],
+                               {0: 250}, 3),
+    "recompute_rows_past_the_prompt_k4v4": (4, 4, 32, 32, 2, 4, 64, 32, [181, 64, 140],
+                                            [13, 1, 4], {0: 168, 2: 130}, None),
+}
+
+
+@pytest.mark.parametrize("name", list(EVICTED_CASES))
+def test_paged_attention_over_evicted_requests_matches_attention_packed(name):
+    """Rows of evicted requests (decode, split-K, a recompute chunk past the prompt) see
+    their head-packed prompt plus the tail exactly like `attention_packed`; other rows of
+    the same launch keep normal paged attention; freed blocks are never read."""
+    from vllm_kvplug.eviction import AdaKV
+    from vllm_kvplug.eviction.packed import attention_packed
+
+    kb, vb, g, hb, h, hq, d, bs, seq_lens, q_lens, evicted, splits = EVICTED_CASES[name]
+    layout = layout_of(kb, vb, g, hb, h, d, bs)
+    batch = make_batch(layout, seq_lens, q_lens, hq, pad_rows=0)
+    policy = AdaKV(budget_fraction=0.25, min_tokens=4, window_tokens=8, sink_tokens=4)
+    ev_offsets = torch.zeros(len(seq_lens) + 2, h + 1, dtype=torch.int32)  # spare rows
+    ev_tail = torch.zeros(len(seq_lens) + 2, dtype=torch.int32)
+    plans = {}
+    for seq, prompt_len in evicted.items():
+        offsets, plan = _evict_into_batch(batch, layout, seq, prompt_len, policy, seq)
+        assert len(set(offsets.diff().tolist())) > 1  # uneven per-head budgets
+        ev_offsets[seq], ev_tail[seq] = offsets.int(), plan.tail_start
+        plans[seq] = (offsets, plan)
+    want = reference(batch, layout)  # normal rows; evicted rows replaced below
+    qsl = batch["query_start_loc"].tolist()
+    for seq, (offsets, plan) in plans.items():
+        start, end = qsl[seq], qsl[seq + 1]
+        positions = torch.arange(seq_lens[seq] - (end - start), seq_lens[seq])
+        assert int(positions[0]) >= plan.prompt_len  # rows after the prompt
+        want[start:end] = attention_packed(
+            batch["query"][start:end], positions, batch["cache"], layout,
+            batch["block_table"][seq], offsets, plan, seq_lens[seq], layout.head_size ** -0.5)
+    got = run_kernel(batch, layout, num_splits=splits,
+                     eviction=(ev_offsets.to(DEVICE), ev_tail.to(DEVICE)))
+    err = (got.float() - want.float()).abs().max().item()
+    assert err < 1e-2, f"max abs error {err}"
+    # the same launch without the tables reads the scribbled freed blocks: it differs
+    plain = run_kernel(batch, layout, num_splits=splits)
+    seq0 = next(iter(plans))
+    rows = slice(qsl[seq0], qsl[seq0 + 1])
+    assert not torch.allclose(plain[rows].float(), want[rows].float(), atol=0.05)
+
+
+def test_eviction_tables_of_the_wrong_shape_are_refused():
+    layout = layout_of(4, 4, 32, 32, 2, 64, 16)
+    batch = make_batch(layout, [40, 20], [1, 1], 4)
+    bad = (torch.zeros(2, 2, dtype=torch.int32, device=DEVICE),  # needs H + 1 = 3 columns
+           torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="eviction tables"):
+        run_kernel(batch, layout, eviction=bad)

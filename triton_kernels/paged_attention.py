@@ -267,14 +267,20 @@ def _half_column(words, meta, j, NG: tl.constexpr):
 @triton.jit
 def _kv_tile(
     tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row, kv_end, kv_head,
-    r_ok, r_pos,
+    r_ok, r_pos, ev_len, ev_base, ev_tail,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, K_REGION: tl.constexpr, K_CH: tl.constexpr,
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
     AFTER_DOT: tl.constexpr, FAST_UNPACK: tl.constexpr, MASKED: tl.constexpr,
+    EVICTED: tl.constexpr, H: tl.constexpr,
 ):
     """One TILE_N-token step of the online softmax: returns the new (acc, m_i, l_i).
+
+    EVICTED: the tile indexes the request's virtual KV sequence (`_kv_range`): its first
+    ev_len entries are this head's head-packed slots ev_base + n (flat slot e: block
+    e // (BLOCK_SIZE·H), head region (e // BLOCK_SIZE) % H, slot e % BLOCK_SIZE; always
+    visible), the rest the normal-layout tail from position ev_tail on.
 
     AFTER_DOT: the tensor cores see the integer codes (exact in fp16) and the per-token
     step and minimum are applied to the dot products instead of to every element:
@@ -294,10 +300,22 @@ def _kv_tile(
     vc = tl.arange(0, V_CH)
     n = tile * TILE_N + n_off
     n_ok = n < kv_end
-    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-    slot = n % BLOCK_SIZE
-    k_region = page * PAGE_BYTES + kv_head * K_REGION
-    v_region = page * PAGE_BYTES + V_BASE + kv_head * V_REGION
+    if EVICTED:
+        packed = n < ev_len
+        e = ev_base + n
+        t = ev_tail + n - ev_len
+        page = tl.load(bt_row + tl.where(packed, e // (BLOCK_SIZE * H), t // BLOCK_SIZE),
+                       mask=n_ok, other=0).to(tl.int64)
+        region_head = tl.where(packed, (e // BLOCK_SIZE) % H, kv_head)
+        slot = tl.where(packed, e % BLOCK_SIZE, t % BLOCK_SIZE)
+        pos = tl.where(packed, -1, t)  # packed entries are visible to every row
+    else:
+        page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        region_head = kv_head
+        slot = n % BLOCK_SIZE
+        pos = n
+    k_region = page * PAGE_BYTES + region_head * K_REGION
+    v_region = page * PAGE_BYTES + V_BASE + region_head * V_REGION
     k_meta = (k_region + BLOCK_SIZE * K_DP) // 2 + slot * NG   # fp16 index of steps
     v_meta = (v_region + BLOCK_SIZE * V_DP) // 2 + slot * NG
 
@@ -322,7 +340,8 @@ def _kv_tile(
     if MASKED:  # the tile reaches the causal diagonal or the end of the sequence
         # n <= r_pos also excludes n >= kv_end for every stored row; a padding row may
         # see finite scores of masked-out (zero) codes, and is never stored
-        scores = tl.where(n[None, :] <= r_pos[:, None], scores, float("-inf"))
+        # (EVICTED: tail entries past the range have positions past every stored row)
+        scores = tl.where(pos[None, :] <= r_pos[:, None], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(scores - m_safe[:, None])
@@ -363,6 +382,7 @@ def _attention_kernel(
     cache_ptr, cache32_ptr, s_ptr,
     bt_ptr, bt_stride, seq_lens_ptr, qsl_ptr, num_seqs,
     ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, num_splits,
+    ev_off_ptr, ev_tail_ptr,
     q_scale, out_scale,
     D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr,
@@ -370,7 +390,7 @@ def _attention_kernel(
     V_BASE: tl.constexpr, V_BITS: tl.constexpr, V_REGION: tl.constexpr, V_CH: tl.constexpr,
     ROTATE: tl.constexpr, ROTATE_Q: tl.constexpr, SPLIT: tl.constexpr,
     WHILE_LOOP: tl.constexpr, QROT_F16: tl.constexpr, AFTER_DOT: tl.constexpr,
-    FAST_UNPACK: tl.constexpr,
+    FAST_UNPACK: tl.constexpr, EVICTED: tl.constexpr, H: tl.constexpr,
 ):
     K_P: tl.constexpr = 8 // K_BITS
     K_DP: tl.constexpr = D * K_BITS // 8      # code bytes per token = elements per slice
@@ -437,6 +457,16 @@ def _attention_kernel(
 
     # ---- KV range of this program (causal bound of its last query, then split) --------
     kv_end = tl.minimum(seq_len, context + (q_block + 1) * BLOCK_Q)
+    if EVICTED:  # virtual range: this head's packed entries, then the tail (see _kv_tile)
+        ev_row = ev_off_ptr + seq.to(tl.int64) * (H + 1) + kv_head
+        ev_base = tl.load(ev_row)
+        ev_len = tl.load(ev_row + 1) - ev_base
+        ev_tail = tl.load(ev_tail_ptr + seq)
+        kv_end = ev_len + kv_end - ev_tail
+    else:
+        ev_base = 0
+        ev_len = 0
+        ev_tail = 0
     num_tiles = tl.cdiv(kv_end, TILE_N)
     if SPLIT:
         per_split = tl.cdiv(num_tiles, num_splits)
@@ -451,7 +481,7 @@ def _attention_kernel(
     # Tiles below the first query row's position are whole for every row: no causal mask
     # (padding rows have zero queries, finite scores, and are never stored).
     # Decode keeps one masked loop: a second copy of the loop costs registers (occupancy).
-    if AFTER_DOT:
+    if AFTER_DOT or EVICTED:
         tile_full = tile_lo
     else:
         tile_full = tl.minimum(tl.maximum((context + q_block * BLOCK_Q + 1) // TILE_N,
@@ -462,29 +492,29 @@ def _attention_kernel(
             if tile < tile_full:
                 acc, m_i, l_i = _kv_tile(
                     tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
-                    kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
-                    PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                    AFTER_DOT, FAST_UNPACK, False)
+                    kv_end, kv_head, r_ok, r_pos, ev_len, ev_base, ev_tail, GROUP, BLOCK_M, D,
+                    TILE_N, BLOCK_SIZE, PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE,
+                    V_BITS, V_REGION, V_CH, AFTER_DOT, FAST_UNPACK, False, EVICTED, H)
             else:
                 acc, m_i, l_i = _kv_tile(
                     tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
-                    kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
-                    PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                    AFTER_DOT, FAST_UNPACK, True)
+                    kv_end, kv_head, r_ok, r_pos, ev_len, ev_base, ev_tail, GROUP, BLOCK_M, D,
+                    TILE_N, BLOCK_SIZE, PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE,
+                    V_BITS, V_REGION, V_CH, AFTER_DOT, FAST_UNPACK, True, EVICTED, H)
             tile += 1
     else:
         for tile in range(tile_lo, tile_full):  # empty in decode
             acc, m_i, l_i = _kv_tile(
                 tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
-                kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
-                PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                AFTER_DOT, FAST_UNPACK, False)
+                kv_end, kv_head, r_ok, r_pos, ev_len, ev_base, ev_tail, GROUP, BLOCK_M, D,
+                TILE_N, BLOCK_SIZE, PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE,
+                V_BITS, V_REGION, V_CH, AFTER_DOT, FAST_UNPACK, False, EVICTED, H)
         for tile in range(tile_full, tile_hi):
             acc, m_i, l_i = _kv_tile(
                 tile, acc, m_i, l_i, q_chunks, q_sums, cache_ptr, cache32_ptr, bt_row,
-                kv_end, kv_head, r_ok, r_pos, GROUP, BLOCK_M, D, TILE_N, BLOCK_SIZE,
-                PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE, V_BITS, V_REGION, V_CH,
-                AFTER_DOT, FAST_UNPACK, True)
+                kv_end, kv_head, r_ok, r_pos, ev_len, ev_base, ev_tail, GROUP, BLOCK_M, D,
+                TILE_N, BLOCK_SIZE, PAGE_BYTES, G, K_BITS, K_REGION, K_CH, V_BASE,
+                V_BITS, V_REGION, V_CH, AFTER_DOT, FAST_UNPACK, True, EVICTED, H)
 
     # ---- epilogue: normalise, rotate back, store (output or split workspace) -----------
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -551,7 +581,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
                     layout: PagedLayout, scale: float, output: torch.Tensor, *,
                     max_query_len: int, max_seq_len: int,
                     workspace: AttentionWorkspace | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    num_splits: int | None = None,
+                    eviction: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> torch.Tensor:
     """Causal varlen GQA attention of query [T, Hq, D] against the quantized paged cache.
 
     Matches `vllm_kvplug.quant.paged.attention_reference`; writes `output` [T, Hq, D] in
@@ -560,6 +592,11 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     the split count). Split-K runs for pure decode when `choose_num_splits` says so (or
     `num_splits` > 1 forces it); its scratch comes from `workspace` (allocated on the fly
     when None or too small, which is not CUDA-graph safe).
+
+    `eviction` = (offsets, tail_start): int32 [>= num_seqs, H + 1] and [>= num_seqs] per
+    sequence of the batch: a sequence whose prompt was evicted into the head-packed layout
+    (`vllm_kvplug.eviction.packed`) has its packed offsets and tail start there (its rows
+    then attend like `attention_packed`); all zeros mean the normal layout.
     """
     _check_cache(cache, layout)
     _check_supported(layout)
@@ -634,12 +671,26 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         ws_out = ws_max = ws_sum = output  # unused
         ws_heads = 1
 
+    if eviction is not None:
+        ev_offsets, ev_tail = eviction
+        if (ev_offsets.dtype != torch.int32 or ev_tail.dtype != torch.int32
+                or ev_offsets.dim() != 2 or ev_offsets.shape[1] != kv_heads + 1
+                or not ev_offsets.is_contiguous() or ev_offsets.shape[0] < num_seqs
+                or ev_tail.shape[0] < num_seqs):
+            raise ValueError(f"eviction tables must be int32 [>= {num_seqs}, {kv_heads + 1}] "
+                             f"(contiguous) and [>= {num_seqs}], got "
+                             f"{tuple(ev_offsets.shape)} {ev_offsets.dtype} and "
+                             f"{tuple(ev_tail.shape)} {ev_tail.dtype}")
+    else:
+        ev_offsets = ev_tail = seq_lens  # unused
+
     grid = (num_tokens // block_q + num_seqs, kv_heads, splits)
     _attention_kernel[grid](
         q_in, q_in.stride(0), q_in.stride(1), output, output.stride(0), output.stride(1),
         cache, cache.view(torch.int32), signs,
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
         ws_out, ws_max, ws_sum, ws_heads, splits,
+        ev_offsets, ev_tail,
         q_scale, inv_sqrt_b,
         D=d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, G=g,
@@ -651,6 +702,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         QROT_F16=_TUNING.get("qrot_f16", block_m < 64),
         AFTER_DOT=variant["after_dot"],
         FAST_UNPACK=variant["fast_unpack"] and not _interpreted(),
+        EVICTED=eviction is not None, H=kv_heads,
         num_warps=warps, num_stages=stages,
         **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] and not _interpreted()
            else {}),
