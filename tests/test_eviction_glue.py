@@ -1,6 +1,7 @@
 """vLLM glue of eviction: spec, block manager, startup checks, batch-row dispatch."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -142,7 +143,16 @@ def test_startup_refuses_unsupported_combinations(tmp_path, monkeypatch):
     from vllm.platforms import current_platform
 
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
-    with pytest.raises(ProfileError, match="eviction.policy='snapkv'.*CPU only"):
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: False)
+    with pytest.raises(ProfileError, match="eviction.policy='snapkv'.*CPUs and NVIDIA GPUs"):
+        check_eviction(args, quantized)
+    # CUDA: served on vLLM's V1 model runner, selected for the engine core it spawns
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    check_eviction(args, quantized)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ProfileError, match="VLLM_USE_V2_MODEL_RUNNER=1"):
         check_eviction(args, quantized)
     check_eviction(args, load_profile("int4-hadamard"))  # no eviction: nothing to refuse
 

@@ -376,13 +376,13 @@ def _kv_tile(
 # Batch-dependent integers are not specialized on (value 1, divisibility by 16) and the split
 # count is a runtime argument: one compiled variant serves every batch of a shape class,
 # so serving never JIT-compiles in the middle of a run.
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "ev_stride"])
 def _attention_kernel(
     q_ptr, q_stride_t, q_stride_h, o_ptr, o_stride_t, o_stride_h,
     cache_ptr, cache32_ptr, s_ptr,
     bt_ptr, bt_stride, seq_lens_ptr, qsl_ptr, num_seqs,
     ws_out_ptr, ws_max_ptr, ws_sum_ptr, ws_heads, num_splits,
-    ev_off_ptr, ev_tail_ptr,
+    ev_off_ptr, ev_stride, ev_tail_ptr,
     q_scale, out_scale,
     D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr,
@@ -458,7 +458,7 @@ def _attention_kernel(
     # ---- KV range of this program (causal bound of its last query, then split) --------
     kv_end = tl.minimum(seq_len, context + (q_block + 1) * BLOCK_Q)
     if EVICTED:  # virtual range: this head's packed entries, then the tail (see _kv_tile)
-        ev_row = ev_off_ptr + seq.to(tl.int64) * (H + 1) + kv_head
+        ev_row = ev_off_ptr + seq.to(tl.int64) * ev_stride + kv_head
         ev_base = tl.load(ev_row)
         ev_len = tl.load(ev_row + 1) - ev_base
         ev_tail = tl.load(ev_tail_ptr + seq)
@@ -593,8 +593,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     `num_splits` > 1 forces it); its scratch comes from `workspace` (allocated on the fly
     when None or too small, which is not CUDA-graph safe).
 
-    `eviction` = (offsets, tail_start): int32 [>= num_seqs, H + 1] and [>= num_seqs] per
-    sequence of the batch: a sequence whose prompt was evicted into the head-packed layout
+    `eviction` = (offsets, tail_start): int32 [>= num_seqs, H + 1] (unit last stride; rows
+    may be strided) and [>= num_seqs] per sequence of the batch: a sequence whose prompt was evicted into the head-packed layout
     (`vllm_kvplug.eviction.packed`) has its packed offsets and tail start there (its rows
     then attend like `attention_packed`); all zeros mean the normal layout.
     """
@@ -675,10 +675,10 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         ev_offsets, ev_tail = eviction
         if (ev_offsets.dtype != torch.int32 or ev_tail.dtype != torch.int32
                 or ev_offsets.dim() != 2 or ev_offsets.shape[1] != kv_heads + 1
-                or not ev_offsets.is_contiguous() or ev_offsets.shape[0] < num_seqs
-                or ev_tail.shape[0] < num_seqs):
+                or ev_offsets.stride(1) != 1 or ev_offsets.shape[0] < num_seqs
+                or ev_tail.shape[0] < num_seqs or not ev_tail.is_contiguous()):
             raise ValueError(f"eviction tables must be int32 [>= {num_seqs}, {kv_heads + 1}] "
-                             f"(contiguous) and [>= {num_seqs}], got "
+                             f"(unit last stride) and [>= {num_seqs}], got "
                              f"{tuple(ev_offsets.shape)} {ev_offsets.dtype} and "
                              f"{tuple(ev_tail.shape)} {ev_tail.dtype}")
     else:
@@ -690,7 +690,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
         cache, cache.view(torch.int32), signs,
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
         ws_out, ws_max, ws_sum, ws_heads, splits,
-        ev_offsets, ev_tail,
+        ev_offsets, ev_offsets.stride(0), ev_tail,
         q_scale, inv_sqrt_b,
         D=d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, G=g,

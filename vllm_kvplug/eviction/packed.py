@@ -98,8 +98,9 @@ def plan_layer(policy: EvictionPolicy, layer: int, num_layers: int, prompt_len: 
 
 
 def packed_offsets(kept: Sequence[torch.Tensor], tail_start: int) -> torch.Tensor:
-    """[H + 1] int64 prefix sums of the kept positions before `tail_start` per head."""
-    counts = [int((positions < tail_start).sum()) for positions in kept]
+    """[H + 1] int64 prefix sums (on the host) of the kept positions before `tail_start`
+    per head."""
+    counts = torch.stack([(positions < tail_start).sum() for positions in kept]).tolist()
     return torch.tensor([0] + counts, dtype=torch.long).cumsum(0)
 
 
@@ -124,12 +125,12 @@ def compact(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
     if int(offsets[-1]) > capacity:
         raise ValueError(f"{int(offsets[-1])} kept entries do not fit in "
                          f"{plan.num_keep_blocks} blocks ({capacity} slots)")
-    bs = layout.block_size
-    positions = torch.cat([p[p < plan.tail_start].long() for p in kept])
-    heads = torch.cat([torch.full((int((p < plan.tail_start).sum()),), h, dtype=torch.long)
-                       for h, p in enumerate(kept)])
+    bs, device = layout.block_size, block_ids.device
+    positions = torch.cat([p[p < plan.tail_start].long() for p in kept]).to(device)
+    counts = offsets.diff().to(device)
+    heads = torch.repeat_interleave(torch.arange(len(kept), device=device), counts)
     src = (block_ids[positions // bs].long(), heads, positions % bs)
-    dst = _slots(torch.arange(len(positions)), block_ids, layout)
+    dst = _slots(torch.arange(len(positions), device=device), block_ids, layout)
     for which in ("key", "value"):
         for view in layout.views(cache, which):
             view[dst] = view[src]  # the gather copies first: overlapping ranges are safe

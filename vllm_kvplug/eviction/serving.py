@@ -64,30 +64,57 @@ class EvictedRequest:
         total = self.num_layers * num_kv_heads * self.plan.prompt_len
         return sum(self.kept_entries.values()) / total
 
+    def compacted_all(self) -> bool:
+        return len(self.offsets) == self.num_layers
+
+    def offsets_table(self) -> torch.Tensor:
+        """int32 [num_layers, H + 1] packed offsets of every layer (all compacted)."""
+        if not self.compacted_all():
+            raise RuntimeError(f"{len(self.offsets)} of {self.num_layers} layers compacted")
+        return torch.stack([self.offsets[layer] for layer in range(self.num_layers)]).int()
+
+    def prompt_rows(self, start: int, rows: int) -> int:
+        """How many of the rows [start, start + rows) are prompt rows (full-cache)."""
+        return min(max(self.plan.prompt_len - start, 0), rows)
+
+    def observe(self, layer: int, query: torch.Tensor, start: int, cache: torch.Tensor,
+                layout: PagedLayout, block_ids: torch.Tensor, scale: float) -> bool:
+        """Book-keeping of one layer for this request's rows query [Q, Hq, D] at positions
+        [start, start + Q), after their K/V are written and the prompt rows attended:
+        stash the observation-window queries and, in the chunk that reaches the prompt's
+        end, evict the layer. True when it evicted (rows past the prompt then attend the
+        packed layout)."""
+        prompt, end = self.plan.prompt_len, start + query.shape[0]
+        if start == 0:  # a new prefill (or a recompute after preemption) of this layer
+            self.stash.pop(layer, None)
+            self.offsets.pop(layer, None)
+        elif self.compacted(layer) and start < prompt:
+            raise RuntimeError(f"layer {layer}: prompt rows after compaction")
+        lo, hi = max(start, self.window_start), min(end, prompt)
+        if hi > lo:
+            self.stash.setdefault(layer, []).append(query[lo - start:hi - start])
+        if start < prompt <= end:
+            self._evict(layer, cache, layout, block_ids, scale)
+            return True
+        return False
+
     def attend(self, layer: int, query: torch.Tensor, start: int, cache: torch.Tensor,
                layout: PagedLayout, block_ids: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this request's rows query [Q, Hq, D] at positions
         [start, start + Q) of layer `layer` (the step's K/V are already written)."""
-        prompt, rows = self.plan.prompt_len, query.shape[0]
+        rows = query.shape[0]
         end = start + rows
-        if start == 0:  # a new prefill (or a recompute after preemption) of this layer
-            self.stash.pop(layer, None)
-            self.offsets.pop(layer, None)
         out = torch.empty_like(query)
-        before = min(max(prompt - start, 0), rows)
+        before = self.prompt_rows(start, rows)
         if before:
-            if self.compacted(layer):
+            if self.compacted(layer) and start != 0:
                 raise RuntimeError(f"layer {layer}: prompt rows after compaction")
             device = query.device
             out[:before] = attention_reference(
                 query[:before], cache, block_ids[None], torch.tensor([start + before],
                                                                      device=device),
                 torch.tensor([0, before], device=device), layout, scale)
-        lo, hi = max(start, self.window_start), min(end, prompt)
-        if hi > lo:
-            self.stash.setdefault(layer, []).append(query[lo - start:hi - start])
-        if start < prompt <= end:
-            self._evict(layer, cache, layout, block_ids, scale)
+        self.observe(layer, query, start, cache, layout, block_ids, scale)
         if before < rows:
             if not self.compacted(layer):
                 raise RuntimeError(f"layer {layer}: rows after the prompt before eviction "
@@ -111,6 +138,7 @@ class EvictedRequest:
             scores = score_snapkv(q.transpose(0, 1), keys, scale=scale)
         else:
             scores = torch.zeros(layout.num_kv_heads, prompt)  # only the shape is used
+        # the selection is made on the host (policies return CPU positions)
         _, kept = plan_layer(self.policy, layer, self.num_layers, prompt, scores)
         offsets = compact(cache, layout, block_ids, kept, self.plan)
         self.offsets[layer] = offsets

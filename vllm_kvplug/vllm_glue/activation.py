@@ -4,6 +4,7 @@ log line and metrics."""
 from __future__ import annotations
 
 import logging
+import os
 
 from vllm_kvplug.kv_footprint import bytes_per_token, model_kv_shape, vllm_bytes_per_token
 from vllm_kvplug.metrics import get_metrics
@@ -65,8 +66,10 @@ def select_backend(engine_args, resolved: ResolvedProfile) -> None:
 
 
 def check_eviction(engine_args, resolved: ResolvedProfile) -> None:
-    """Eviction is served on the CPU path of the quantized backend, one pipeline stage,
-    without speculative decoding; anything else stops startup naming the option."""
+    """Eviction is served by the quantized backend (CPU reference path or CUDA kernels),
+    one pipeline stage, without speculative decoding; anything else stops startup naming
+    the option. On GPUs it needs vLLM's V1 model runner (the worker-side hooks of
+    `eviction_rows` wrap it), which this selects."""
     policy = resolved.profile.eviction.policy
     if policy == "none":
         return
@@ -77,11 +80,20 @@ def check_eviction(engine_args, resolved: ResolvedProfile) -> None:
                            "eviction.policy to 'none'.")
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        raise ProfileError(f"{where}; this release serves eviction.policy on the CPU "
-                           f"only, not on {current_platform.device_name or 'this device'}. "
-                           "Set eviction.policy to 'none' (or use a quantization-only "
-                           "profile such as int4-hadamard) on GPUs.")
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        raise ProfileError(f"{where}; this release serves eviction.policy on CPUs and "
+                           f"NVIDIA GPUs, not on {current_platform.device_name or 'this device'}."
+                           " Set eviction.policy to 'none' (or use a quantization-only "
+                           "profile such as int4-hadamard).")
+    if current_platform.is_cuda():
+        use_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+        if use_v2 in ("1", "true"):
+            raise ProfileError(f"{where}, which hooks vLLM's V1 model runner; it cannot be "
+                               "combined with VLLM_USE_V2_MODEL_RUNNER=1. Unset it.")
+        if use_v2 == "":
+            logger.info("vllm-kvplug: eviction selects vLLM's V1 model runner "
+                        "(VLLM_USE_V2_MODEL_RUNNER=0)")
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine core
     if engine_args.speculative_config:
         raise ProfileError(f"{where}; it cannot be combined with --speculative-config. "
                            "Drop one of them.")

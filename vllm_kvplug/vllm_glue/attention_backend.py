@@ -12,10 +12,13 @@ offset from K (`vllm_kvplug.quant.key_offsets`); attention reads the cache uncha
 metadata builder, which vLLM creates with the layer names and the device after the KV
 cache is set up and before any CUDA graph is captured, gives each layer its offset.
 
-With an eviction profile (CPU only) the layers' spec is `EvictingKVSpec`; the builder then
-attaches the step's request rows (`eviction_rows.current_rows`) and the policy to the
-metadata, and the forward runs `eviction_rows.attend` (evict when a prompt completes,
-attend over the head-packed layout afterwards; docs/eviction.md).
+With an eviction profile the layers' spec is `EvictingKVSpec`; the builder then attaches
+the step's request rows (`eviction_rows.current_rows`) to the metadata. On CPU the forward
+runs `eviction_rows.attend` (evict when a prompt completes, attend over the head-packed
+layout afterwards; docs/eviction.md); on CUDA the builder also fills the kernel's per-row
+tables (`eviction_cuda.plan_step`, persistent buffers: decode steps replay full CUDA
+graphs) and the forward is `eviction_cuda.forward` (one launch, then the prefill rows'
+eviction work).
 """
 
 from __future__ import annotations
@@ -170,8 +173,9 @@ class QuantizedKVMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     workspace: object | None  # triton_kernels.AttentionWorkspace on CUDA
-    # eviction profiles: (policy, num_layers, eviction_rows.BatchRows) of this step
-    eviction: tuple | None = None
+    # eviction profiles: (policy, num_layers, eviction_rows.BatchRows) of this step on CPU,
+    # an eviction_cuda.StepEviction on CUDA
+    eviction: object | None = None
 
 
 class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
@@ -187,13 +191,21 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
         from vllm_kvplug.vllm_glue.kv_spec import EvictingKVSpec
 
         self.eviction = None
+        self.eviction_tables = None
         if isinstance(kv_cache_spec, EvictingKVSpec):
-            if device.type != "cpu":
-                raise NotImplementedError("vllm-kvplug eviction is served on the CPU only")
             from vllm_kvplug.vllm_glue.eviction_rows import patch_model_runner
 
             patch_model_runner()  # before the first real step (builders are made first)
             self.eviction = (kv_cache_spec.policy(), kv_cache_spec.num_layers)
+            if device.type == "cuda":
+                from vllm_kvplug.vllm_glue.eviction_cuda import EvictionTables
+
+                sched = vllm_config.scheduler_config
+                # rows of padded batches too (a CUDA-graph batch pads rows, never past
+                # its token count)
+                rows = max(sched.max_num_seqs, sched.max_num_batched_tokens)
+                self.eviction_tables = EvictionTables(
+                    kv_cache_spec.num_layers, rows, kv_cache_spec.num_kv_heads, device)
         self.workspace = None
         if device.type == "cuda":
             from vllm_kvplug.triton_kernels import AttentionWorkspace
@@ -209,10 +221,19 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
         m = common_attn_metadata
         eviction = None
         if self.eviction is not None:
-            from vllm_kvplug.vllm_glue.eviction_rows import current_rows
+            from vllm_kvplug.vllm_glue.eviction_rows import BatchRows, current_rows
 
             rows = current_rows()
-            if rows is not None:
+            if self.eviction_tables is not None:
+                from vllm_kvplug.vllm_glue.eviction_cuda import plan_step
+
+                # dummy runs and CUDA-graph captures have no rows: empty tables, but
+                # the launch is the evicting kernel the replays need
+                eviction = plan_step(
+                    rows if rows is not None else BatchRows((), ()), *self.eviction,
+                    self.kv_cache_spec.block_size, m.query_start_loc_cpu,
+                    m.seq_lens_cpu_upper_bound, self.eviction_tables)
+            elif rows is not None:
                 eviction = (*self.eviction, rows)
         return QuantizedKVMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
@@ -311,6 +332,14 @@ class QuantizedKVImpl(AttentionImpl):
                 return output
             output[:n] = attention_reference(query[:n], kv_cache, m.block_table, m.seq_lens,
                                              m.query_start_loc, layout, self.scale)
+            return output
+        if m.eviction is not None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            from vllm_kvplug.vllm_glue.eviction_cuda import forward
+
+            forward(m.eviction, extract_layer_index(layer.layer_name), query, kv_cache, m,
+                    layout, self.scale, output)
             return output
         from vllm_kvplug.triton_kernels import paged_attention
 

@@ -69,6 +69,27 @@ def batch_rows(runner, num_reqs: int) -> BatchRows:
                      opted_out)
 
 
+def request_state(rid: str, policy, plan, num_layers: int, position: int
+                  ) -> EvictedRequest:
+    """The eviction state of request `rid` for a step whose rows start at `position`:
+    created when its prefill starts (position 0: a new request, a recompute after
+    preemption, or a new plan), else the existing one."""
+    state = _states.get(rid)
+    if state is None or (position == 0 and state.plan != plan):
+        if position != 0:
+            raise RuntimeError(f"request {rid}: no eviction state at position "
+                               f"{position} (its prefill was not seen from the start)")
+        state = _states[rid] = EvictedRequest(policy, plan, num_layers)
+    return state
+
+
+def _prefilling(runner, num_reqs: int) -> bool:
+    """Whether any row of the step about to run is still in its prompt."""
+    batch = runner.input_batch
+    return bool((batch.num_computed_tokens_cpu[:num_reqs]
+                 < batch.num_prompt_tokens[:num_reqs]).any())
+
+
 def patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -76,6 +97,7 @@ def patch_model_runner() -> None:
         return
     build = GPUModelRunner._build_attention_metadata
     update = GPUModelRunner._update_states
+    dispatch = GPUModelRunner._determine_batch_execution_and_padding
 
     @functools.wraps(build)
     def _build_attention_metadata(self, *args, **kwargs):
@@ -93,8 +115,21 @@ def patch_model_runner() -> None:
             _states.pop(rid, None)
         return update(self, scheduler_output, *args, **kwargs)
 
+    @functools.wraps(dispatch)
+    def _determine_batch_execution_and_padding(self, *args, **kwargs):
+        # A step whose rows all have one token counts as a uniform decode batch and may
+        # replay a full CUDA graph, where no host code runs. A prompt's last chunk can be
+        # one token; eviction must run then (stash, score, compact), so a step with any
+        # prompt row is not a uniform decode batch (it runs piecewise).
+        if (kwargs.get("force_uniform_decode") is None and "num_reqs" in kwargs
+                and _prefilling(self, kwargs["num_reqs"])):
+            kwargs["force_uniform_decode"] = False
+        return dispatch(self, *args, **kwargs)
+
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     GPUModelRunner._update_states = _update_states
+    GPUModelRunner._determine_batch_execution_and_padding = \
+        _determine_batch_execution_and_padding
     GPUModelRunner._kvplug_rows_patched = True
 
 
@@ -120,12 +155,7 @@ def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Te
                 query[start:end], cache, block_table[i:i + 1], seq_lens[i:i + 1],
                 torch.tensor([0, end - start], device=query.device), layout, scale)
             continue
-        state = _states.get(rid)
-        if state is None or (position == 0 and state.plan != plan):
-            if position != 0:
-                raise RuntimeError(f"request {rid}: no eviction state at position "
-                                   f"{position} (its prefill was not seen from the start)")
-            state = _states[rid] = EvictedRequest(row_policy, plan, num_layers)
+        state = request_state(rid, row_policy, plan, num_layers, position)
         out[start:end] = state.attend(layer, query[start:end], position, cache, layout,
                                       block_table[i], scale)
     return out
