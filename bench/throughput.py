@@ -150,6 +150,41 @@ def kernel_time_summary(trace: Path) -> dict:
             "top_kernels_ms": [[name[:120], round(ms, 1)] for name, ms in top]}
 
 
+class RunningSampler:
+    """Samples vLLM's `vllm:num_requests_running` gauge (Prometheus, in-process, needs log
+    stats) every `period` seconds from a thread while a workload runs: max and mean."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        import threading
+
+        self.period, self.values = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from prometheus_client import REGISTRY
+
+        while not self._stop.wait(self.period):
+            running = [s.value for m in REGISTRY.collect()
+                       if m.name == "vllm:num_requests_running" for s in m.samples]
+            if running:
+                self.values.append(sum(running))
+
+    def __enter__(self) -> RunningSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.values:
+            return {}
+        return {"max_running": int(max(self.values)),
+                "mean_running": round(sum(self.values) / len(self.values), 1)}
+
+
 def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path | None = None
                   ) -> list[dict]:
     from vllm import SamplingParams
@@ -167,8 +202,13 @@ def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path |
                                 temperature=args["temperature"], seed=args["seed"])
         if profile_to is not None:
             llm.start_profile(profile_prefix=f"w{index}")
+        sampler = RunningSampler()
         t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        if args["latency_stats"]:
+            with sampler:
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+        else:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         entry = {
@@ -181,6 +221,7 @@ def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path |
         }
         if args["latency_stats"]:
             entry.update(latency_summary(outputs))
+            entry.update(sampler.summary())
         if profile_to is not None:
             llm.stop_profile()
             traces = [p for p in profile_to.rglob("*.json*") if p.stat().st_mtime >= t0]
@@ -212,7 +253,7 @@ def build_table(configs: list[KVConfig], results: dict[str, dict], workloads: li
               "blocks x", "startup s"]
     if any(w.get("mean_tpot_ms") is not None for r in results.values()
            for w in r.get("workloads", [])):
-        header += ["mean TTFT ms", "mean TPOT ms"]
+        header += ["mean TTFT ms", "mean TPOT ms", "running max / mean"]
     rows = []
     for config in configs:
         r = results[config.label]
@@ -230,7 +271,9 @@ def build_table(configs: list[KVConfig], results: dict[str, dict], workloads: li
             row = [config.label, w["workload"], f"{w['output_tok_per_s']:,.0f}", speed,
                    f"{r['num_gpu_blocks']:,}", blocks, r["startup_s"]]
             if len(header) > 7:
-                row += [w.get("mean_ttft_ms"), w.get("mean_tpot_ms")]
+                running = (f"{w['max_running']} / {w['mean_running']}"
+                           if "max_running" in w else "-")
+                row += [w.get("mean_ttft_ms"), w.get("mean_tpot_ms"), running]
             rows.append(row)
     return markdown_table(header, rows)
 

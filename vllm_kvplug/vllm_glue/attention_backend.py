@@ -229,10 +229,13 @@ class QuantizedKVMetadataBuilder(AttentionMetadataBuilder[QuantizedKVMetadata]):
 
                 # dummy runs and CUDA-graph captures have no rows: empty tables, but
                 # the launch is the evicting kernel the replays need
+                seq_lens_cpu = m.seq_lens_cpu_upper_bound  # exact without spec decode
+                if seq_lens_cpu is None and rows is not None:
+                    seq_lens_cpu = m.seq_lens.cpu()
                 eviction = plan_step(
                     rows if rows is not None else BatchRows((), ()), *self.eviction,
-                    self.kv_cache_spec.block_size, m.query_start_loc_cpu,
-                    m.seq_lens_cpu_upper_bound, self.eviction_tables)
+                    self.kv_cache_spec.block_size, m.query_start_loc_cpu, seq_lens_cpu,
+                    self.eviction_tables)
             elif rows is not None:
                 eviction = (*self.eviction, rows)
         return QuantizedKVMetadata(

@@ -96,6 +96,9 @@ def plan_step(rows, policy, num_layers: int, block_size: int,
     """Sort one step's rows (`eviction_rows.BatchRows`) and fill the tables."""
     from vllm_kvplug.vllm_glue.eviction_rows import request_state
 
+    if not rows.req_ids:  # dummy runs and CUDA-graph captures
+        tables.fill([])
+        return StepEviction(tables, ())
     qsl = query_start_loc_cpu.tolist()
     lens = seq_lens_cpu.tolist()
     evicted, prefill = [], []
