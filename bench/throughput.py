@@ -185,6 +185,20 @@ class RunningSampler:
                 "mean_running": round(sum(self.values) / len(self.values), 1)}
 
 
+def eviction_totals() -> dict:
+    """The plugin's eviction counters in this process's Prometheus registry (present when
+    the profile evicts and log stats are on)."""
+    from prometheus_client import REGISTRY
+
+    names = ("kvplug_eviction_requests_total", "kvplug_eviction_blocks_returned_total")
+    totals = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name in names:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
 def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path | None = None
                   ) -> list[dict]:
     from vllm import SamplingParams
@@ -203,6 +217,7 @@ def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path |
         if profile_to is not None:
             llm.start_profile(profile_prefix=f"w{index}")
         sampler = RunningSampler()
+        evicted_before = eviction_totals() if args["latency_stats"] else {}
         t0 = time.perf_counter()
         if args["latency_stats"]:
             with sampler:
@@ -222,6 +237,9 @@ def run_workloads(llm, workloads: list[Workload], args: dict, profile_to: Path |
         if args["latency_stats"]:
             entry.update(latency_summary(outputs))
             entry.update(sampler.summary())
+            for name, total in eviction_totals().items():
+                entry[name.replace("kvplug_eviction_", "evicted_").replace("_total", "")] = \
+                    int(total - evicted_before.get(name, 0.0))
         if profile_to is not None:
             llm.stop_profile()
             traces = [p for p in profile_to.rglob("*.json*") if p.stat().st_mtime >= t0]

@@ -155,10 +155,14 @@ def read_packed(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tenso
 
 def read_prompt_keys(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
                      prompt_len: int) -> torch.Tensor:
-    """[H, S, D] rotated keys of the (not yet evicted) prompt, for scoring."""
+    """[H, S, D] rotated float32 keys of the (not yet evicted) prompt, for scoring (the
+    values are not read)."""
     num_blocks = math.ceil(prompt_len / layout.block_size)
-    keys, _ = read_reference(cache, block_ids[:num_blocks], prompt_len, layout)
-    return keys.permute(1, 0, 2)
+    codes, steps, minima = (t[block_ids[:num_blocks].long()]
+                            for t in layout.views(cache, "key"))
+    keys = dequantize(codes, steps, minima, layout.recipe.key, rotated=True)  # [nb,H,bs,D]
+    return keys.transpose(0, 1).reshape(layout.num_kv_heads, -1, layout.head_size
+                                        )[:, :prompt_len]
 
 
 def attention_packed(query: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,

@@ -141,7 +141,8 @@ class EvictionPolicy:
             raise ValueError(f"layer {layer}: budgets {budgets.tolist()} outside [{low}, "
                              f"{high}] (mandatory tokens .. prompt length)")
         ranked = _rank(priority, mandatory.to(priority.device))
-        return [ranked[h, :int(budgets[h])].sort().values.cpu() for h in range(heads)]
+        top = ranked[:, :int(budgets.max())].cpu()  # one device-to-host copy per layer
+        return [top[h, :int(budgets[h])].sort().values for h in range(heads)]
 
 
 class StreamingLLM(EvictionPolicy):

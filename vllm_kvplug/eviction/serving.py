@@ -38,6 +38,10 @@ from vllm_kvplug.quant.paged import PagedLayout, attention_reference
 from vllm_kvplug.quant.reference import block_hadamard
 
 
+# Bound on the fp32 SnapKV logits of the layers scored together (`evict_pending`).
+SCORE_BYTES = 512 << 20
+
+
 @dataclass
 class EvictedRequest:
     """Eviction state of one request on one worker (all its layers)."""
@@ -46,6 +50,8 @@ class EvictedRequest:
     plan: PackedPlan
     num_layers: int
     stash: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # layers whose eviction `observe` deferred: layer -> (cache, block ids, softmax scale)
+    pending: dict[int, tuple] = field(default_factory=dict)
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)
     # kept (token, head) entries of the prompt per layer, tail included (for metrics)
     kept_entries: dict[int, int] = field(default_factory=dict)
@@ -78,24 +84,30 @@ class EvictedRequest:
         return min(max(self.plan.prompt_len - start, 0), rows)
 
     def observe(self, layer: int, query: torch.Tensor, start: int, cache: torch.Tensor,
-                layout: PagedLayout, block_ids: torch.Tensor, scale: float) -> bool:
+                layout: PagedLayout, block_ids: torch.Tensor, scale: float,
+                defer: bool = False) -> bool:
         """Book-keeping of one layer for this request's rows query [Q, Hq, D] at positions
         [start, start + Q), after their K/V are written and the prompt rows attended:
         stash the observation-window queries and, in the chunk that reaches the prompt's
         end, evict the layer. True when it evicted (rows past the prompt then attend the
-        packed layout)."""
+        packed layout). With `defer` the eviction waits for `evict_pending` (which does
+        all deferred layers at once: far fewer, larger GPU operations); only valid when
+        no row of this step reads the layer after the prompt."""
         prompt, end = self.plan.prompt_len, start + query.shape[0]
         if start == 0:  # a new prefill (or a recompute after preemption) of this layer
             self.stash.pop(layer, None)
             self.offsets.pop(layer, None)
+            self.pending.pop(layer, None)
         elif self.compacted(layer) and start < prompt:
             raise RuntimeError(f"layer {layer}: prompt rows after compaction")
         lo, hi = max(start, self.window_start), min(end, prompt)
         if hi > lo:
             self.stash.setdefault(layer, []).append(query[lo - start:hi - start])
         if start < prompt <= end:
-            self._evict(layer, cache, layout, block_ids, scale)
-            return True
+            self.pending[layer] = (cache, block_ids, scale)
+            if not defer:
+                self.evict_pending(layout)
+                return True
         return False
 
     def attend(self, layer: int, query: torch.Tensor, start: int, cache: torch.Tensor,
@@ -125,22 +137,42 @@ class EvictedRequest:
                                             scale)
         return out
 
-    def _evict(self, layer: int, cache: torch.Tensor, layout: PagedLayout,
-               block_ids: torch.Tensor, scale: float) -> None:
+    def evict_pending(self, layout: PagedLayout) -> None:
+        """Score, select and compact every layer waiting in `pending`. Scores of several
+        layers are computed together (heads of the layers folded into one SnapKV call,
+        in groups that bound the [heads, window, prompt] logits to SCORE_BYTES)."""
+        layers = sorted(self.pending)
         prompt = self.plan.prompt_len
-        window = torch.cat(self.stash.pop(layer, []))
-        if window.shape[0] != prompt - self.window_start:
-            raise RuntimeError(f"layer {layer}: {window.shape[0]} observation-window "
-                               f"queries, expected {prompt - self.window_start}")
+        windows = {}
+        for layer in layers:
+            windows[layer] = torch.cat(self.stash.pop(layer, []))
+            if windows[layer].shape[0] != prompt - self.window_start:
+                raise RuntimeError(f"layer {layer}: {windows[layer].shape[0]} observation-"
+                                   f"window queries, expected {prompt - self.window_start}")
+        scores = {}
         if self.policy.uses_scores:
-            keys = read_prompt_keys(cache, layout, block_ids, prompt)
-            q = block_hadamard(window.float(), layout.recipe.hadamard_block)
-            scores = score_snapkv(q.transpose(0, 1), keys, scale=scale)
-        else:
-            scores = torch.zeros(layout.num_kv_heads, prompt)  # only the shape is used
-        # the selection is made on the host (policies return CPU positions)
-        _, kept = plan_layer(self.policy, layer, self.num_layers, prompt, scores)
-        offsets = compact(cache, layout, block_ids, kept, self.plan)
-        self.offsets[layer] = offsets
-        tail = prompt - self.plan.tail_start
-        self.kept_entries[layer] = int(offsets[-1]) + tail * layout.num_kv_heads
+            w, hq, _ = windows[layers[0]].shape
+            per_layer = hq * w * prompt * 4
+            size = max(1, SCORE_BYTES // per_layer)
+            for first in range(0, len(layers), size):
+                group = layers[first:first + size]
+                keys = torch.cat([read_prompt_keys(self.pending[lay][0], layout,
+                                                   self.pending[lay][1], prompt)
+                                  for lay in group])  # [G·H, S, D]
+                q = block_hadamard(torch.cat([windows[lay].transpose(0, 1) for lay in group])
+                                   .float(), layout.recipe.hadamard_block)  # [G·Hq, W, D]
+                folded = score_snapkv(q, keys, group=hq // layout.num_kv_heads,
+                                      scale=self.pending[group[0]][2])
+                for i, lay in enumerate(group):
+                    heads = layout.num_kv_heads
+                    scores[lay] = folded[i * heads:(i + 1) * heads]
+        for layer in layers:
+            cache, block_ids, _ = self.pending.pop(layer)
+            layer_scores = scores.get(layer)
+            if layer_scores is None:  # only the shape is used
+                layer_scores = torch.zeros(layout.num_kv_heads, prompt)
+            _, kept = plan_layer(self.policy, layer, self.num_layers, prompt, layer_scores)
+            offsets = compact(cache, layout, block_ids, kept, self.plan)
+            self.offsets[layer] = offsets
+            tail = prompt - self.plan.tail_start
+            self.kept_entries[layer] = int(offsets[-1]) + tail * layout.num_kv_heads

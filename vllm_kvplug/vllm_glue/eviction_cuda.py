@@ -12,9 +12,10 @@ not evicted has zeros (the normal layout).
 `plan_step` (the builder, every step, on the host) sorts the step's rows: rows after an
 evicted prompt go into the tables; rows of an evicting request that still prefill its prompt
 become `PrefillRow`s, whose per-layer work `forward` does after the layer's launch: stash the
-observation-window queries, evict (score, select, compact: `EvictedRequest.observe`) in
-the chunk that reaches the prompt's end and, if that chunk runs past the prompt (a recompute
-after preemption), attend its post-prompt rows again over the packed layout. Steps with
+observation-window queries and, in the chunk that reaches the prompt's end, evict (score,
+select, compact: `EvictedRequest.observe`) — all layers at once after the last layer's
+launch (`evict_pending`), or layer by layer when the chunk runs past the prompt (a recompute
+after preemption), whose post-prompt rows then attend again over the packed layout. Steps with
 prefill rows never run inside a full CUDA graph (`eviction_rows.patch_model_runner`), so
 this host work always runs. The request states are those of `eviction_rows` (one dict per
 worker, keyed by request id, dropped when the request finishes or is preempted).
@@ -135,13 +136,18 @@ def forward(step: StepEviction, layer: int, query: torch.Tensor, cache: torch.Te
                     eviction=step.tables.layer(layer))
     for p in step.prefill:
         block_ids = m.block_table[p.row]
-        if not p.state.observe(layer, query[p.start:p.end], p.position, cache, layout,
-                               block_ids, scale):
-            continue
         before = p.state.prompt_rows(p.position, p.end - p.start)
-        if p.start + before < p.end:  # rows past the prompt: attend the packed layout
-            _attend_packed_rows(p, before, layer, query, cache, block_ids, layout, scale,
-                                output)
+        past_prompt = p.start + before < p.end
+        # A chunk that ends at the prompt defers its eviction to the last layer (all layers
+        # scored together); one that runs past it (a recompute) needs each layer evicted
+        # before its post-prompt rows attend.
+        if p.state.observe(layer, query[p.start:p.end], p.position, cache, layout,
+                           block_ids, scale, defer=not past_prompt):
+            if past_prompt:
+                _attend_packed_rows(p, before, layer, query, cache, block_ids, layout,
+                                    scale, output)
+        elif layer == p.state.num_layers - 1 and p.state.pending:
+            p.state.evict_pending(layout)
 
 
 def _attend_packed_rows(p: PrefillRow, before: int, layer: int, query: torch.Tensor,
