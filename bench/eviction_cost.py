@@ -34,8 +34,8 @@ from vllm_kvplug.quant.paged import PagedLayout  # noqa: E402
 from vllm_kvplug.quant.recipe import KVRecipe  # noqa: E402
 
 
-def one_layer(profile: str, prompt: int, layers: int, hq: int, h: int, d: int, bs: int,
-              device: torch.device, repeats: int) -> dict:
+def one_request(profile: str, prompt: int, layers: int, hq: int, h: int, d: int, bs: int,
+                device: torch.device, repeats: int, profile_to: Path | None = None) -> dict:
     resolved = load_profile(profile)
     policy = policy_from_section(resolved.profile.eviction)
     recipe = KVRecipe.from_section(resolved.profile.quantization)
@@ -72,6 +72,21 @@ def one_layer(profile: str, prompt: int, layers: int, hq: int, h: int, d: int, b
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         assert state.compacted_all()
+    if profile_to is not None:  # where the time of one more request goes
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        pristine = [c.clone() for c in caches]
+        state = EvictedRequest(policy, plan, layers)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for layer in range(layers):
+                state.observe(layer, queries[layer], prompt - window, pristine[layer],
+                              layout, block_ids, d ** -0.5, defer=True)
+            state.evict_pending(layout)
+            torch.cuda.synchronize()
+        table = prof.key_averages(group_by_stack_n=0).table(
+            sort_by="self_cpu_time_total", row_limit=30)
+        Path(profile_to).write_text(table)
+        print(table)
     per_request = sorted(times[1:])[len(times[1:]) // 2]  # median, first run is warm-up
     return {"prompt": prompt, "evicted": True, "profile": profile,
             "blocks_before": blocks, "blocks_kept": plan.num_keep_blocks,
@@ -87,13 +102,17 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", nargs="+", type=int, default=[2048, 8192])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-profile", type=Path, default=None,
+                        help="also profile one request; tables to PATH.<profile>.<prompt>.txt")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/eviction_cost.json")
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    rows = [one_layer(p, n, ns.layers, 32, 8, 128, 16, device, ns.repeats)
+    rows = [one_request(p, n, ns.layers, 32, 8, 128, 16, device, ns.repeats,
+                        ns.torch_profile.with_suffix(f".{p}.{n}.txt")
+                        if ns.torch_profile else None)
             for p in ns.profiles for n in ns.prompts]
     result = {"device": torch.cuda.get_device_name(), "rows": rows}
     print("| profile | prompt | blocks kept / before | ms per layer | ms per request |")
