@@ -427,3 +427,32 @@ def test_ablation_smoke(tmp_path):
     assert report["results"]["full"]["perplexity"]["ppl_ratio"] == 1.0
     assert report["results"]["snapkv@0.5"]["kept"]["kept_fraction"] == pytest.approx(0.5)
     assert "| snapkv@0.5 |" in (tmp_path / "ev.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "snapkv", "pyramidkv", "adakv"])
+@pytest.mark.parametrize("prompt_len", [37, 300])
+def test_keep_masks_of_several_layers_equal_the_per_layer_selection(name, prompt_len):
+    """The serving path selects all layers at once (`keep_masks`); it must keep exactly
+    the tokens of `plan_layer` (the policy's `budgets` then `select`) in every layer."""
+    from vllm_kvplug.eviction import POLICIES
+    from vllm_kvplug.eviction.packed import plan_layer
+
+    policy = POLICIES[name](budget_fraction=0.3, min_tokens=6, window_tokens=8,
+                            sink_tokens=4)
+    num_layers, heads = 6, 4
+    torch.manual_seed(prompt_len)
+    sharp = 1.0 + 5.0 * torch.arange(heads, dtype=torch.float32)[:, None]
+    scores = torch.rand(num_layers, heads, prompt_len) ** sharp  # uneven Ada-KV budgets
+    scores[:, :, 10] = scores[:, :, 11]  # a tie: the earlier position wins
+    layers = [1, 2, 5]  # any subset, in any group
+    masks = policy.keep_masks(prompt_len, num_layers, layers, heads,
+                              scores[layers] if policy.uses_scores else None)
+    assert masks.shape == (len(layers), heads, prompt_len) and masks.dtype == torch.bool
+    uneven = False
+    for i, layer in enumerate(layers):
+        budgets, kept = plan_layer(policy, layer, num_layers, prompt_len, scores[layer])
+        uneven |= len(set(budgets.tolist())) > 1
+        for h in range(heads):
+            assert masks[i, h].nonzero().flatten().tolist() == kept[h].tolist()
+    if name == "adakv" and prompt_len == 300:
+        assert uneven

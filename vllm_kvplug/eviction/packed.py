@@ -120,21 +120,36 @@ def compact(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
     """
     if len(kept) != layout.num_kv_heads:
         raise ValueError(f"kept sets for {len(kept)} heads, layout has {layout.num_kv_heads}")
-    offsets = packed_offsets(kept, plan.tail_start)
+    keep = torch.zeros(len(kept), plan.tail_start, dtype=torch.bool)
+    for head, positions in enumerate(kept):
+        keep[head, positions[positions < plan.tail_start]] = True
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(-1).cumsum(0)])
+    compact_layer(cache, layout, block_ids, keep.to(block_ids.device), int(offsets[-1]),
+                  plan)
+    return offsets
+
+
+def compact_layer(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
+                  keep: torch.Tensor, total: int, plan: PackedPlan) -> None:
+    """`compact` from a keep mask [H, >= tail_start] bool on the cache's device (columns
+    from tail_start on are ignored) holding `total` kept entries before tail_start: the
+    entries in (head, position) order, with no host synchronisation."""
     capacity = plan.num_keep_blocks * layout.block_size * layout.num_kv_heads
-    if int(offsets[-1]) > capacity:
-        raise ValueError(f"{int(offsets[-1])} kept entries do not fit in "
+    if total > capacity:
+        raise ValueError(f"{total} kept entries do not fit in "
                          f"{plan.num_keep_blocks} blocks ({capacity} slots)")
     bs, device = layout.block_size, block_ids.device
-    positions = torch.cat([p[p < plan.tail_start].long() for p in kept]).to(device)
-    counts = offsets.diff().to(device)
-    heads = torch.repeat_interleave(torch.arange(len(kept), device=device), counts)
+    keep = keep[:, :plan.tail_start]
+    width = keep.shape[1]
+    # the kept entries in (head, position) order: a stable sort puts them first
+    flat = torch.sort((~keep).flatten().to(torch.uint8), stable=True).indices[:total]
+    heads = torch.div(flat, width, rounding_mode="floor")
+    positions = flat - heads * width
     src = (block_ids[positions // bs].long(), heads, positions % bs)
-    dst = _slots(torch.arange(len(positions), device=device), block_ids, layout)
+    dst = _slots(torch.arange(total, device=device), block_ids, layout)
     for which in ("key", "value"):
         for view in layout.views(cache, which):
             view[dst] = view[src]  # the gather copies first: overlapping ranges are safe
-    return offsets
 
 
 def read_packed(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,

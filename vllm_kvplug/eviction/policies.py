@@ -125,6 +125,40 @@ class EvictionPolicy:
                 for layer in range(num_layers)]
         return budgets, kept
 
+    # -- several layers at once (the serving path) -------------------------------------
+
+    def keep_masks(self, prompt_len: int, num_layers: int, layers: Sequence[int],
+                   num_kv_heads: int, scores: torch.Tensor | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+        """[len(layers), H, S] bool: the tokens `select` keeps in each of `layers` with the
+        budgets `budgets` gives them, for all those layers at once (a few GPU operations
+        instead of several per layer and head, no host synchronisation). scores:
+        [len(layers), H, S] (policies with `uses_scores` only)."""
+        if scores is not None:
+            if scores.dim() != 3 or scores.shape != (len(layers), num_kv_heads, prompt_len):
+                raise ValueError(f"scores must be [{len(layers)}, {num_kv_heads}, "
+                                 f"{prompt_len}], got {tuple(scores.shape)}")
+            device = scores.device
+        elif self.uses_scores:
+            raise ValueError(f"{self.name} needs scores")
+        budgets = self._layer_budgets(prompt_len, num_layers, layers, num_kv_heads,
+                                      scores).to(device)  # [Lb, H]
+        if scores is None:  # recency (StreamingLLM)
+            priority = torch.arange(prompt_len, dtype=torch.float32, device=device
+                                    ).expand(len(layers), num_kv_heads, prompt_len)
+        else:
+            priority = scores
+        mandatory = self.mandatory_mask(prompt_len).to(device)
+        ranked = _rank(priority, mandatory)
+        in_budget = (torch.arange(prompt_len, device=device) < budgets[..., None])
+        return torch.zeros_like(in_budget).scatter_(-1, ranked, in_budget)
+
+    def _layer_budgets(self, prompt_len: int, num_layers: int, layers: Sequence[int],
+                       num_kv_heads: int, scores: torch.Tensor | None) -> torch.Tensor:
+        """[len(layers), H] budgets of `layers`, equal to `budgets(...)[layers]`."""
+        return torch.full((len(layers), num_kv_heads), self.head_budget(prompt_len),
+                          dtype=torch.long)
+
     # -- helpers -----------------------------------------------------------------------
 
     def _keep_top(self, priority: torch.Tensor, budgets: torch.Tensor,
@@ -222,6 +256,10 @@ class PyramidKV(EvictionPolicy):
         per_layer = self.layer_budgets(prompt_len, num_layers)
         return per_layer[:, None].expand(num_layers, num_kv_heads).clone()
 
+    def _layer_budgets(self, prompt_len, num_layers, layers, num_kv_heads, scores):
+        per_layer = self.layer_budgets(prompt_len, num_layers)[list(layers)]
+        return per_layer[:, None].expand(len(layers), num_kv_heads).clone()
+
 
 class AdaKV(EvictionPolicy):
     """SnapKV scores; each layer's total H × B split across heads by a flattened top-k.
@@ -257,6 +295,24 @@ class AdaKV(EvictionPolicy):
             out[layer] = floor + torch.as_tensor(extra).cpu()
         return out
 
+    def _layer_budgets(self, prompt_len, num_layers, layers, num_kv_heads, scores):
+        """`budgets` of several layers in one batch of operations (the same flattened
+        stable sort per layer, so the same budgets)."""
+        uniform, floor = self.head_budget(prompt_len), self.head_floor(prompt_len)
+        mandatory = self.mandatory_mask(prompt_len).to(scores.device)
+        ranked = _rank(scores, mandatory)  # [Lb, H, S]
+        rest = ranked[..., floor:]
+        rest_scores = scores.float().gather(-1, rest).flatten(1)  # [Lb, H·(S - floor)]
+        pool = num_kv_heads * (uniform - floor)
+        counts = torch.zeros(len(layers), num_kv_heads, dtype=torch.long,
+                             device=scores.device)
+        if pool:
+            order = torch.sort(rest_scores, dim=-1, descending=True, stable=True
+                               ).indices[:, :pool]
+            heads = torch.div(order, rest.shape[-1], rounding_mode="floor")
+            counts.scatter_add_(1, heads, torch.ones_like(heads))
+        return floor + counts
+
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, AdaKV)}
@@ -287,13 +343,12 @@ def keep_mask(kept: Sequence[torch.Tensor], prompt_len: int) -> torch.Tensor:
 # -- internals -------------------------------------------------------------------------
 
 def _rank(priority: torch.Tensor, mandatory: torch.Tensor) -> torch.Tensor:
-    """[H, S] positions of each head, mandatory first, then by priority (desc), then by
-    position (asc)."""
-    heads, prompt_len = priority.shape
+    """[..., H, S] positions of each head, mandatory first, then by priority (desc), then
+    by position (asc)."""
     # Sorting on (mandatory, priority, -position) with two stable sorts.
     order = torch.sort(priority.float(), dim=-1, descending=True, stable=True).indices
     first = mandatory[order].to(torch.int8)
-    return order.gather(1, torch.sort(first, dim=-1, descending=True, stable=True).indices)
+    return order.gather(-1, torch.sort(first, dim=-1, descending=True, stable=True).indices)
 
 
 def _apportion(target: torch.Tensor, total: int, cap: int) -> torch.Tensor:

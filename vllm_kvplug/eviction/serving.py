@@ -9,7 +9,9 @@ the request's rows of a step (a prefill chunk or a decode token) at positions
 - rows before the prompt's end see the full cache (normal paged attention);
 - the step whose rows reach the prompt's end scores the layer (SnapKV window: the last
   `window_tokens` prompt queries, from this chunk and the stash), selects the kept
-  tokens per KV head (`plan_layer`) and compacts them (`compact`), after those rows;
+  tokens per KV head (the policy's `keep_masks`, equal to `plan_layer`) and compacts
+  them (`compact_layer`), after those rows — or, deferred, all layers at once after the
+  last one (`evict_pending`);
 - rows at or after the prompt's end see the packed prompt plus the tail
   (`attention_packed`).
 
@@ -28,8 +30,7 @@ import torch
 from vllm_kvplug.eviction.packed import (
     PackedPlan,
     attention_packed,
-    compact,
-    plan_layer,
+    compact_layer,
     read_prompt_keys,
 )
 from vllm_kvplug.eviction.policies import EvictionPolicy
@@ -138,41 +139,45 @@ class EvictedRequest:
         return out
 
     def evict_pending(self, layout: PagedLayout) -> None:
-        """Score, select and compact every layer waiting in `pending`. Scores of several
-        layers are computed together (heads of the layers folded into one SnapKV call,
-        in groups that bound the [heads, window, prompt] logits to SCORE_BYTES)."""
+        """Score, select and compact every layer waiting in `pending`, with few GPU
+        operations and one host synchronisation for all of them: SnapKV scores of several
+        layers in one call (their heads folded together, in groups that bound the
+        [heads, window, prompt] logits to SCORE_BYTES), the policy's keep masks of all
+        layers at once (`keep_masks`), the packed offsets copied to the host once, then
+        one compaction per layer."""
         layers = sorted(self.pending)
-        prompt = self.plan.prompt_len
+        prompt, heads = self.plan.prompt_len, layout.num_kv_heads
         windows = {}
         for layer in layers:
             windows[layer] = torch.cat(self.stash.pop(layer, []))
             if windows[layer].shape[0] != prompt - self.window_start:
                 raise RuntimeError(f"layer {layer}: {windows[layer].shape[0]} observation-"
                                    f"window queries, expected {prompt - self.window_start}")
-        scores = {}
-        if self.policy.uses_scores:
-            w, hq, _ = windows[layers[0]].shape
-            per_layer = hq * w * prompt * 4
-            size = max(1, SCORE_BYTES // per_layer)
-            for first in range(0, len(layers), size):
-                group = layers[first:first + size]
+        device = self.pending[layers[0]][0].device
+        masks = []
+        w, hq, _ = windows[layers[0]].shape
+        size = max(1, SCORE_BYTES // (hq * w * prompt * 4)) if self.policy.uses_scores \
+            else len(layers)
+        for first in range(0, len(layers), size):
+            group = layers[first:first + size]
+            scores = None
+            if self.policy.uses_scores:
                 keys = torch.cat([read_prompt_keys(self.pending[lay][0], layout,
                                                    self.pending[lay][1], prompt)
                                   for lay in group])  # [G·H, S, D]
                 q = block_hadamard(torch.cat([windows[lay].transpose(0, 1) for lay in group])
                                    .float(), layout.recipe.hadamard_block)  # [G·Hq, W, D]
-                folded = score_snapkv(q, keys, group=hq // layout.num_kv_heads,
-                                      scale=self.pending[group[0]][2])
-                for i, lay in enumerate(group):
-                    heads = layout.num_kv_heads
-                    scores[lay] = folded[i * heads:(i + 1) * heads]
-        for layer in layers:
+                scores = score_snapkv(q, keys, group=hq // heads,
+                                      scale=self.pending[group[0]][2]
+                                      ).view(len(group), heads, prompt)
+            masks.append(self.policy.keep_masks(prompt, self.num_layers, group, heads,
+                                                scores, device))
+        keep = torch.cat(masks)[..., :self.plan.tail_start]  # [Lp, H, tail_start]
+        offsets = torch.cat([torch.zeros(len(layers), 1, dtype=torch.long, device=device),
+                             keep.sum(-1).cumsum(-1)], dim=1).cpu()  # [Lp, H + 1]
+        tail = prompt - self.plan.tail_start
+        for i, layer in enumerate(layers):
             cache, block_ids, _ = self.pending.pop(layer)
-            layer_scores = scores.get(layer)
-            if layer_scores is None:  # only the shape is used
-                layer_scores = torch.zeros(layout.num_kv_heads, prompt)
-            _, kept = plan_layer(self.policy, layer, self.num_layers, prompt, layer_scores)
-            offsets = compact(cache, layout, block_ids, kept, self.plan)
-            self.offsets[layer] = offsets
-            tail = prompt - self.plan.tail_start
-            self.kept_entries[layer] = int(offsets[-1]) + tail * layout.num_kv_heads
+            compact_layer(cache, layout, block_ids, keep[i], int(offsets[i, -1]), self.plan)
+            self.offsets[layer] = offsets[i]
+            self.kept_entries[layer] = int(offsets[i, -1]) + tail * heads
