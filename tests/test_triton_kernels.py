@@ -466,3 +466,51 @@ def test_eviction_tables_of_the_wrong_shape_are_refused():
            torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="eviction tables"):
         run_kernel(batch, layout, eviction=bad)
+
+
+# ------------------------------------------------ eviction kernels (keys, compaction)
+
+def _eviction_kernels():
+    import vllm_kvplug.triton_kernels.eviction as ek
+
+    if DEVICE == "cpu" and type(ek._read_keys_kernel).__name__ != "InterpretedFunction":
+        ek = importlib.reload(ek)  # imported before the interpreter flag: decorate again
+    return ek
+
+
+@pytest.mark.parametrize("kbits, vbits, group, hb, d, bs, tokens", [
+    (4, 4, 32, 32, 64, 16, 45), (2, 2, 32, 64, 128, 16, 33), (8, 4, 128, 128, 128, 32, 70)])
+def test_read_keys_kernel_equals_read_prompt_keys(kbits, vbits, group, hb, d, bs, tokens):
+    from vllm_kvplug.eviction.packed import read_prompt_keys
+
+    layout = layout_of(kbits, vbits, group, hb, 3, d, bs)
+    batch = make_batch(layout, [tokens], [1], 3)
+    block_ids = batch["block_table"][0]
+    want = read_prompt_keys(batch["cache"], layout, block_ids, tokens)
+    got = _eviction_kernels().read_keys(batch["cache"].to(DEVICE), layout,
+                                        block_ids.to(DEVICE), tokens)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kbits, vbits, group, hb, d, bs", [
+    (4, 4, 32, 32, 64, 16), (2, 2, 32, 64, 128, 32), (8, 4, 128, 128, 128, 16)])
+def test_compaction_kernel_equals_the_reference_copy(kbits, vbits, group, hb, d, bs):
+    """Every byte of every page equals the PyTorch compaction's, including entries whose
+    packed slot is another kept entry's source (head 0 keeps its first blocks whole)."""
+    from vllm_kvplug.eviction.packed import copy_entries_reference
+
+    heads, width = 3, 6 * bs
+    layout = layout_of(kbits, vbits, group, hb, heads, d, bs)
+    batch = make_batch(layout, [width + 5], [1], heads)
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(heads, width, generator=g) < 0.3
+    keep[0, :2 * bs] = True  # overlapping sources and destinations
+    flat = torch.sort((~keep).flatten().to(torch.uint8), stable=True).indices[:int(keep.sum())]
+    block_ids = batch["block_table"][0]
+    want = batch["cache"].clone()
+    copy_entries_reference(want, layout, block_ids, flat, width)
+    got = batch["cache"].clone().to(DEVICE)
+    _eviction_kernels().compact_entries(got, layout, block_ids.to(DEVICE), flat.to(DEVICE),
+                                        width)
+    assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want, batch["cache"])  # it moved something

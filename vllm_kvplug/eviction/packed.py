@@ -130,23 +130,32 @@ def compact(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
 
 
 def compact_layer(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
-                  keep: torch.Tensor, total: int, plan: PackedPlan) -> None:
+                  keep: torch.Tensor, total: int, plan: PackedPlan,
+                  copy_entries=None) -> None:
     """`compact` from a keep mask [H, >= tail_start] bool on the cache's device (columns
     from tail_start on are ignored) holding `total` kept entries before tail_start: the
-    entries in (head, position) order, with no host synchronisation."""
+    entries in (head, position) order, with no host synchronisation. `copy_entries`
+    (e.g. the Triton `compact_entries`) replaces the PyTorch copy `copy_entries_reference`;
+    same arguments."""
     capacity = plan.num_keep_blocks * layout.block_size * layout.num_kv_heads
     if total > capacity:
         raise ValueError(f"{total} kept entries do not fit in "
                          f"{plan.num_keep_blocks} blocks ({capacity} slots)")
-    bs, device = layout.block_size, block_ids.device
     keep = keep[:, :plan.tail_start]
-    width = keep.shape[1]
     # the kept entries in (head, position) order: a stable sort puts them first
     flat = torch.sort((~keep).flatten().to(torch.uint8), stable=True).indices[:total]
+    (copy_entries or copy_entries_reference)(cache, layout, block_ids, flat, keep.shape[1])
+
+
+def copy_entries_reference(cache: torch.Tensor, layout: PagedLayout,
+                           block_ids: torch.Tensor, flat: torch.Tensor, width: int) -> None:
+    """Copy the entries `flat` (head·width + position, in packed order) into the packed
+    slots 0..N-1 (all entries are read before any is written: overlaps are safe)."""
+    bs = layout.block_size
     heads = torch.div(flat, width, rounding_mode="floor")
     positions = flat - heads * width
     src = (block_ids[positions // bs].long(), heads, positions % bs)
-    dst = _slots(torch.arange(total, device=device), block_ids, layout)
+    dst = _slots(torch.arange(flat.shape[0], device=block_ids.device), block_ids, layout)
     for which in ("key", "value"):
         for view in layout.views(cache, which):
             view[dst] = view[src]  # the gather copies first: overlapping ranges are safe

@@ -39,6 +39,17 @@ from vllm_kvplug.quant.paged import PagedLayout, attention_reference
 from vllm_kvplug.quant.reference import block_hadamard
 
 
+def _device_ops(device: torch.device):
+    """(read prompt keys, copy entries) for the cache's device: the Triton kernels on
+    CUDA (one launch each instead of a dozen small operations), the PyTorch reference
+    elsewhere."""
+    if device.type == "cuda":
+        from vllm_kvplug.triton_kernels.eviction import compact_entries, read_keys
+
+        return read_keys, compact_entries
+    return read_prompt_keys, None
+
+
 # Bound on the fp32 SnapKV logits of the layers scored together (`evict_pending`).
 SCORE_BYTES = 512 << 20
 
@@ -154,6 +165,7 @@ class EvictedRequest:
                 raise RuntimeError(f"layer {layer}: {windows[layer].shape[0]} observation-"
                                    f"window queries, expected {prompt - self.window_start}")
         device = self.pending[layers[0]][0].device
+        read_keys, copy_entries = _device_ops(device)
         masks = []
         w, hq, _ = windows[layers[0]].shape
         size = max(1, SCORE_BYTES // (hq * w * prompt * 4)) if self.policy.uses_scores \
@@ -162,8 +174,8 @@ class EvictedRequest:
             group = layers[first:first + size]
             scores = None
             if self.policy.uses_scores:
-                keys = torch.cat([read_prompt_keys(self.pending[lay][0], layout,
-                                                   self.pending[lay][1], prompt)
+                keys = torch.cat([read_keys(self.pending[lay][0], layout,
+                                            self.pending[lay][1], prompt)
                                   for lay in group])  # [G·H, S, D]
                 q = block_hadamard(torch.cat([windows[lay].transpose(0, 1) for lay in group])
                                    .float(), layout.recipe.hadamard_block)  # [G·Hq, W, D]
@@ -178,6 +190,7 @@ class EvictedRequest:
         tail = prompt - self.plan.tail_start
         for i, layer in enumerate(layers):
             cache, block_ids, _ = self.pending.pop(layer)
-            compact_layer(cache, layout, block_ids, keep[i], int(offsets[i, -1]), self.plan)
+            compact_layer(cache, layout, block_ids, keep[i], int(offsets[i, -1]), self.plan,
+                          copy_entries)
             self.offsets[layer] = offsets[i]
             self.kept_entries[layer] = int(offsets[i, -1]) + tail * heads
