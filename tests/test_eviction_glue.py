@@ -352,3 +352,32 @@ def test_worker_rows_do_not_evict_an_opted_out_request():
            torch.tensor([n]), torch.tensor([0, n]), layout, 0.125)
     assert eviction_rows.states()["on"].compacted(0) and not torch.equal(cache, before)
     eviction_rows.states().clear()
+
+
+def test_steps_with_a_prompt_row_never_count_as_uniform_decode(monkeypatch):
+    """A prompt's last chunk can be one token: such a step must not replay a full CUDA
+    graph (no host code runs there, so the eviction would be skipped)."""
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvplug.vllm_glue import eviction_rows
+
+    seen = []
+    monkeypatch.setattr(GPUModelRunner, "_determine_batch_execution_and_padding",
+                        lambda self, **kw: seen.append(kw.get("force_uniform_decode")))
+    for name in ("_build_attention_metadata", "_update_states"):
+        monkeypatch.setattr(GPUModelRunner, name, getattr(GPUModelRunner, name))
+    monkeypatch.setattr(GPUModelRunner, "_kvplug_rows_patched", False, raising=False)
+    eviction_rows.patch_model_runner()
+    runner = object.__new__(GPUModelRunner)
+
+    def step(computed, prompts, **kw):
+        runner.input_batch = SimpleNamespace(num_computed_tokens_cpu=np.array(computed),
+                                             num_prompt_tokens=np.array(prompts))
+        GPUModelRunner._determine_batch_execution_and_padding(
+            runner, num_tokens=len(computed), num_reqs=len(computed), **kw)
+
+    step([900, 839], [900, 840])  # row 1's prompt ends with a one-token chunk
+    step([901, 840], [900, 840])  # decode only
+    step([0, 840], [900, 840], force_uniform_decode=True)  # capture: vLLM's choice wins
+    assert seen == [False, None, True]
