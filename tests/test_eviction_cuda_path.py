@@ -80,6 +80,7 @@ def _serve(layout, cuda_path):
                              m.seq_lens, m.query_start_loc, layout, scale)
             outs.append(out.cpu())
     states = dict(eviction_rows.states())
+    assert eviction_rows.evicted_requests() >= 2  # a and c, counted for the rank report
     eviction_rows.states().clear()
     return outs, [c.cpu() for c in caches], states
 

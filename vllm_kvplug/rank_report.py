@@ -70,7 +70,10 @@ def attention_report(worker) -> dict[str, Any]:
             )
         entries.append(entry)
     device = str(getattr(worker, "device", "")) or None
+    from vllm_kvplug.vllm_glue.eviction_rows import evicted_requests
+
     return {
+        "evicted_requests": evicted_requests(),
         "tp_rank": get_tensor_model_parallel_rank(),
         "tp_size": get_tensor_model_parallel_world_size(),
         "pid": os.getpid(),

@@ -48,10 +48,17 @@ class BatchRows:
 
 _current: BatchRows | None = None
 _states: dict[str, EvictedRequest] = {}
+_finished_evicted = 0  # requests that finished with every layer evicted (this worker)
 
 
 def current_rows() -> BatchRows | None:
     return _current
+
+
+def evicted_requests() -> int:
+    """Requests whose prompt this worker evicted in every layer: finished ones and live
+    ones (the per-rank evidence `rank_report` gives)."""
+    return _finished_evicted + sum(s.compacted_all() for s in _states.values())
 
 
 def states() -> dict[str, EvictedRequest]:
@@ -109,8 +116,10 @@ def patch_model_runner() -> None:
 
     @functools.wraps(update)
     def _update_states(self, scheduler_output, *args, **kwargs):
+        global _finished_evicted
         for rid in (scheduler_output.finished_req_ids or ()):
-            _states.pop(rid, None)
+            state = _states.pop(rid, None)
+            _finished_evicted += state is not None and state.compacted_all()
         for rid in (getattr(scheduler_output, "preempted_req_ids", None) or ()):
             _states.pop(rid, None)
         return update(self, scheduler_output, *args, **kwargs)
