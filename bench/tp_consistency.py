@@ -176,6 +176,7 @@ def rank_summary(result: dict, must_quantize: bool) -> dict:
                       "min_nonzero_fraction": min(
                           (e.get("cache_nonzero_fraction", 0) for e in r["layers"]),
                           default=0),
+                      "evicted_requests": r.get("evicted_requests"),
                       "compressed": must_quantize and not p})
     if len(ranks) != result.get("tp"):
         problems.append(f"{len(ranks)} rank reports for TP={result.get('tp')}")
