@@ -135,18 +135,15 @@ def _read_keys_kernel(cache_ptr, cache16_ptr, block_ids_ptr, out_ptr, num_tokens
 
 
 def read_keys(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
-              num_tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
+              num_tokens: int) -> torch.Tensor:
     """Rotated float32 keys [H, num_tokens, D] of the sequence whose blocks are
-    `block_ids` (written into `out` when given, e.g. a slice of a larger buffer)."""
+    `block_ids`."""
     _check_cache(cache, layout)
     _check_supported(layout)
     bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
     if bs & (bs - 1):
         raise ValueError(f"block size {bs} is not a power of two")
-    if out is None:
-        out = torch.empty(h, num_tokens, d, dtype=torch.float32, device=cache.device)
-    if out.shape != (h, num_tokens, d) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{h}, {num_tokens}, {d}] tensor")
+    out = torch.empty(h, num_tokens, d, dtype=torch.float32, device=cache.device)
     region = layout.key
     _read_keys_kernel[(triton.cdiv(num_tokens, bs), h)](
         cache, cache.view(torch.float16), block_ids, out, num_tokens,

@@ -123,7 +123,7 @@ def compact(cache: torch.Tensor, layout: PagedLayout, block_ids: torch.Tensor,
     keep = torch.zeros(len(kept), plan.tail_start, dtype=torch.bool)
     for head, positions in enumerate(kept):
         keep[head, positions[positions < plan.tail_start]] = True
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(-1).cumsum(0)])
+    offsets = packed_offsets(kept, plan.tail_start)
     compact_layer(cache, layout, block_ids, keep.to(block_ids.device), int(offsets[-1]),
                   plan)
     return offsets

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvplug.eviction.packed import packed_plan
 from vllm_kvplug.eviction.serving import EvictedRequest
 from vllm_kvplug.quant.paged import PagedLayout
 
@@ -95,28 +94,21 @@ def plan_step(rows, policy, num_layers: int, block_size: int,
               query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
               tables: EvictionTables) -> StepEviction:
     """Sort one step's rows (`eviction_rows.BatchRows`) and fill the tables."""
-    from vllm_kvplug.vllm_glue.eviction_rows import request_state
+    from vllm_kvplug.vllm_glue.eviction_rows import step_rows
 
     if not rows.req_ids:  # dummy runs and CUDA-graph captures
         tables.fill([])
         return StepEviction(tables, ())
-    qsl = query_start_loc_cpu.tolist()
-    lens = seq_lens_cpu.tolist()
     evicted, prefill = [], []
-    for i, (rid, prompt_len) in enumerate(zip(rows.req_ids, rows.prompt_lens)):
-        start, end = qsl[i], qsl[i + 1]
-        row_policy = rows.policy(i, policy)
-        if end == start or row_policy is None:
+    for i, start, end, position, state in step_rows(
+            rows, policy, num_layers, block_size, query_start_loc_cpu.tolist(),
+            seq_lens_cpu.tolist()):
+        if state is None:
             continue
-        plan = packed_plan(row_policy, prompt_len, num_layers, block_size)
-        if plan is None:
-            continue
-        position = lens[i] - (end - start)
-        state = request_state(rid, row_policy, plan, num_layers, position)
-        if position < prompt_len:
+        if position < state.plan.prompt_len:
             prefill.append(PrefillRow(i, start, end, position, state))
         elif not state.compacted_all():
-            raise RuntimeError(f"request {rid}: rows after its prompt but only "
+            raise RuntimeError(f"request {rows.req_ids[i]}: rows after its prompt but only "
                                f"{len(state.offsets)} of {num_layers} layers evicted")
         else:
             evicted.append((i, state))

@@ -142,15 +142,16 @@ def patch_model_runner() -> None:
     GPUModelRunner._kvplug_rows_patched = True
 
 
-def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Tensor,
-           cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-           query_start_loc: torch.Tensor, layout: PagedLayout, scale: float) -> torch.Tensor:
-    """Attention of one layer for a batch whose requests may be evicted ([T, Hq, D])."""
-    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+def step_rows(rows: BatchRows, policy, num_layers: int, block_size: int,
+              qsl: list[int], lens: list[int]):
+    """(row, start, end, position, state) of every row of a step that has tokens: the
+    row's batch tokens [start, end) sit at positions [position, position + end - start);
+    `state` is the request's `EvictedRequest`, or None when its prompt is kept whole (too
+    short to free a block, or opted out). The CPU forward (`attend`) and the CUDA step
+    planner (`eviction_cuda.plan_step`) both walk a step through this."""
     if len(rows.req_ids) != len(lens):
         raise RuntimeError(f"the runner recorded {len(rows.req_ids)} rows for a batch of "
                            f"{len(lens)} requests")
-    out = torch.zeros_like(query)
     for i, (rid, prompt_len) in enumerate(zip(rows.req_ids, rows.prompt_lens)):
         start, end = qsl[i], qsl[i + 1]
         if end == start:
@@ -158,13 +159,25 @@ def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Te
         position = lens[i] - (end - start)
         row_policy = rows.policy(i, policy)
         plan = None if row_policy is None else packed_plan(row_policy, prompt_len,
-                                                           num_layers, layout.block_size)
-        if plan is None:
+                                                           num_layers, block_size)
+        state = None if plan is None else request_state(rid, row_policy, plan, num_layers,
+                                                         position)
+        yield i, start, end, position, state
+
+
+def attend(policy, num_layers: int, layer: int, rows: BatchRows, query: torch.Tensor,
+           cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           query_start_loc: torch.Tensor, layout: PagedLayout, scale: float) -> torch.Tensor:
+    """Attention of one layer for a batch whose requests may be evicted ([T, Hq, D])."""
+    out = torch.zeros_like(query)
+    for i, start, end, position, state in step_rows(
+            rows, policy, num_layers, layout.block_size, query_start_loc.tolist(),
+            seq_lens.tolist()):
+        if state is None:
             out[start:end] = attention_reference(
                 query[start:end], cache, block_table[i:i + 1], seq_lens[i:i + 1],
                 torch.tensor([0, end - start], device=query.device), layout, scale)
-            continue
-        state = request_state(rid, row_policy, plan, num_layers, position)
-        out[start:end] = state.attend(layer, query[start:end], position, cache, layout,
-                                      block_table[i], scale)
+        else:
+            out[start:end] = state.attend(layer, query[start:end], position, cache,
+                                          layout, block_table[i], scale)
     return out
